@@ -1,0 +1,200 @@
+"""Experiment configs: load, fill defaults, validate against the JSON schema, expand the grid into runs.
+
+This module is imported by the Snakefile at DAG-build time, so it must stay light (no torch).
+A config is one YAML per scenario; `expand_runs` turns its recipes x stages into stable run ids that
+the Snakefile, DVC and the CLI all share, so there is one source of truth for the experiment grid.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+#: Values a config may leave out. Documented in config/default.yaml; "assumed" where the paper is silent.
+DEFAULTS: dict = {
+    "threads": 1,
+    "dataset": {"synthetic": {"num_images": 1000, "corrupt": 0}},
+    "autoencoder": {"pretrained": None, "steps": 600, "batch_size": 32, "lr": 1e-3},
+    "text_encoder": "minilm",
+    "evaluator": {"steps": 400, "batch_size": 64, "input_size": 64},
+    "training": {
+        "batch_size": 32, "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup": 1000,
+        "grad_clip": 1.0, "ema": 0.9999, "snapshots": 4, "precision": "fp32",
+    },
+    "sampling": {
+        "sampler": "ddim", "steps": 50, "guidance": 1.5, "guidance_control": 1.0,
+        "num_samples": 256, "seeds": [0, 1, 2], "original_size": 256, "batch_size": 64,
+    },
+    "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"]},
+}
+RECIPE_DEFAULTS = {"objective": "ddpm", "control": "additive", "class_dropout": 0.1, "control_dropout": 0.1}
+STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate"}
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid: a recipe trained at one stage (resolution, step budget, init)."""
+
+    run_id: str
+    recipe: str
+    stage: str
+    resolution: int
+    init_run: str | None
+
+    @property
+    def res_name(self) -> str:
+        return f"r{self.resolution}"
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        known = set(error.instance) - set(allowed) if isinstance(error.instance, dict) else set()
+        field = ".".join(filter(None, [path, ",".join(sorted(known))]))
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{field}: unknown key{hint}"
+    if error.validator == "required":
+        return f"{path or '<top level>'}: {error.message}"
+    return f"{path or '<top level>'}: {error.message}"
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Check `config` against the schema and cross-field rules; return it with defaults filled in."""
+    validator = jsonschema.Draft202012Validator(_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    full = _merge(DEFAULTS, config)
+    for name in full["recipes"]:
+        full["recipes"][name] = _merge(RECIPE_DEFAULTS, full["recipes"][name])
+    for name, stage in full["stages"].items():
+        full["stages"][name] = _merge(STAGE_DEFAULTS, stage)
+        init = stage.get("init")
+        if init is not None and init not in full["stages"]:
+            raise ConfigError(f"{source}: stages.{name}.init: unknown stage {init!r}")
+        if init == name:
+            raise ConfigError(f"{source}: stages.{name}.init: a stage cannot initialise from itself")
+    res = full["resolutions"]
+    if res["low"] > res["high"]:
+        raise ConfigError(f"{source}: resolutions.low: {res['low']} is above resolutions.high {res['high']}")
+    errors = sorted(validator.iter_errors(full), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    return full
+
+
+def load_config(path: str | Path) -> dict:
+    """Read and validate a YAML/JSON config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return validate(raw, source=str(path))
+
+
+def expand_runs(config: dict) -> list[Run]:
+    """All runs of the grid, init stages before the stages they initialise."""
+    dataset = config["dataset"]["name"]
+    runs = []
+    order = _stage_order(config["stages"])
+    for recipe in config["recipes"]:
+        for stage in order:
+            spec = config["stages"][stage]
+            px = config["resolutions"][spec["resolution"]]
+            init = spec.get("init")
+            init_run = None
+            if init is not None:
+                init_px = config["resolutions"][config["stages"][init]["resolution"]]
+                init_run = f"{recipe}.{dataset}.{init}.{init_px}"
+            runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run))
+    return runs
+
+
+def _stage_order(stages: dict) -> list[str]:
+    order: list[str] = []
+
+    def visit(name: str, seen: tuple = ()) -> None:
+        if name in order:
+            return
+        if name in seen:
+            raise ConfigError(f"stages.{name}.init: cycle through {' -> '.join(seen + (name,))}")
+        init = stages[name].get("init")
+        if init:
+            visit(init, seen + (name,))
+        order.append(name)
+
+    for name in stages:
+        visit(name)
+    return order
+
+
+def get_run(config: dict, run_id: str) -> Run:
+    for run in expand_runs(config):
+        if run.run_id == run_id:
+            return run
+    known = ", ".join(r.run_id for r in expand_runs(config))
+    raise ConfigError(f"unknown run {run_id!r}; the config defines: {known}")
+
+
+def digest(obj) -> str:
+    """Stable short hash of a JSON-able object (rerun trigger and provenance)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_section(config: dict) -> dict:
+    return {k: config[k] for k in ("seed", "dataset", "resolutions", "autoencoder", "text_encoder")}
+
+
+def run_section(config: dict, run_id: str) -> dict:
+    """Everything that determines a run's weights, including its init chain."""
+    run = get_run(config, run_id)
+    section = {
+        "data": data_section(config),
+        "recipe": config["recipes"][run.recipe],
+        "stage": config["stages"][run.stage],
+        "training": config["training"],
+        "run_id": run_id,
+    }
+    if run.init_run:
+        section["init"] = run_section(config, run.init_run)
+    return section
+
+
+def eval_section(config: dict, run_id: str) -> dict:
+    return {"run": run_section(config, run_id), "sampling": config["sampling"],
+            "evaluation": config["evaluation"], "evaluator": config["evaluator"]}
+
+
+def config_fingerprint(config: dict) -> str:
+    return digest(config)

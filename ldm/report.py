@@ -1,0 +1,124 @@
+"""`ldm report`: comparison tables (markdown + CSV) and plots from the metrics JSONs of a scenario.
+
+Reads only `results/metrics/*.json` (the DVC `report` stage depends on nothing else), so the report can
+be rebuilt anywhere the small results are checked out.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .config import expand_runs  # noqa: E402
+from .provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True, "cond_accuracy": False}
+
+
+def load_metrics(config: dict) -> list[dict]:
+    directory = Path(config["results"]) / "metrics"
+    records = []
+    for run in expand_runs(config):
+        path = directory / f"{run.run_id}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"metrics of run {run.run_id} missing: {path} (run the pipeline first)")
+        records.append(json.loads(path.read_text()))
+    return records
+
+
+def _fmt(stats: dict) -> str:
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def runs_table(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for rec in records:
+        row = {"run": rec["run_id"], "recipe": rec["recipe"], "stage": rec["stage"], "resolution": rec["resolution"],
+               "init": rec["init_run"] or "", "step": rec["step"], "samples_per_seed": rec["num_samples"],
+               "seeds": len(rec["seeds"]), "chance_accuracy": rec["chance_accuracy"]}
+        for name, stats in rec["metrics"].items():
+            row[name] = stats["mean"]
+            row[f"{name}_std"] = stats["std"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
+    """Each stage initialised from another against every from-scratch stage at the same resolution."""
+    by_key = {(r["recipe"], r["stage"]): r for r in records}
+    stages = config["stages"]
+    rows = []
+    for recipe in config["recipes"]:
+        for name, spec in stages.items():
+            if not spec.get("init"):
+                continue
+            for other, other_spec in stages.items():
+                if other_spec.get("init") or other_spec["resolution"] != spec["resolution"]:
+                    continue
+                a, b = by_key[(recipe, name)], by_key[(recipe, other)]
+                row = {"recipe": recipe, "resolution": a["resolution"], "transfer": name, "scratch": other,
+                       "transfer_steps": spec["steps"], "scratch_steps": other_spec["steps"],
+                       "pretrain_steps": stages[spec["init"]]["steps"], "pos_embed": spec["pos_embed"]}
+                for metric in a["metrics"]:
+                    row[f"{metric} (transfer)"] = _fmt(a["metrics"][metric])
+                    row[f"{metric} (scratch)"] = _fmt(b["metrics"][metric])
+                    delta = a["metrics"][metric]["mean"] - b["metrics"][metric]["mean"]
+                    row[f"{metric} delta"] = round(delta, 4)
+                    better = delta < 0 if LOWER_IS_BETTER.get(metric, True) else delta > 0
+                    row[f"{metric} transfer better"] = "yes" if better else "no"
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_table(frame: pd.DataFrame, stem: Path, title: str) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(stem.with_suffix(".csv"), frame.to_csv(index=False).encode())
+    body = frame.to_markdown(index=False, floatfmt=".4f") if not frame.empty else "(no rows)"
+    atomic_write_bytes(stem.with_suffix(".md"), f"# {title}\n\n{body}\n".encode())
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    metrics = [m for m in ("fd_evaluator", "cond_accuracy", "fid_clean", "fid_legacy_tf") if m in records[0]["metrics"]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for rec in records:
+            steps = [p["step"] for p in rec["curve"]]
+            mean = [p[metric] for p in rec["curve"]]
+            std = [p[f"{metric}_std"] for p in rec["curve"]]
+            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=rec["run_id"])
+        if metric == "cond_accuracy":
+            ax.axhline(records[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
+        ax.set_xlabel("training steps of the run's own stage")
+        ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER.get(metric, True) else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("metric vs. training step (mean ± std over sampling seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def build_report(config: dict) -> dict:
+    results = Path(config["results"])
+    records = load_metrics(config)
+    runs = runs_table(records)
+    write_table(runs, results / "tables" / "runs", f"All runs ({config['name']})")
+    transfer = transfer_table(config, records)
+    write_table(transfer, results / "tables" / "transfer_vs_scratch",
+                "Low-res pre-training + transfer vs. from scratch at equal high-res steps")
+    plot_curves(records, results / "plots" / "curves.png")
+    for rec in records:  # per-run curve data for `dvc plots`
+        atomic_write_bytes(results / "plots" / "curves" / f"{rec['run_id']}.csv",
+                           pd.DataFrame(rec["curve"]).to_csv(index=False).encode())
+    summary = {rec["run_id"]: {name: round(stats["mean"], 6) for name, stats in rec["metrics"].items()}
+               for rec in records}
+    atomic_write_json(results / "summary.json", summary)
+    return summary

@@ -1,0 +1,62 @@
+# Evaluation: an offline evaluator trained on the real prepared images, reference statistics per
+# resolution, samples from every snapshot of a run, metrics with provenance.
+
+rule train_evaluator:
+    input:
+        prepared(CFG["resolutions"]["high"]),
+    output:
+        f"{W}/evaluator/config.json",
+    params:
+        h=digest([data_section(CFG), CFG["evaluator"]]),
+    threads: CFG["threads"]
+    log:
+        f"{W}/logs/train_evaluator.log",
+    shell:
+        "{LDM} train-evaluator --config {CONFIG_JSON} --out {W}/evaluator --threads {threads} > {log} 2>&1"
+
+
+rule reference_stats:
+    input:
+        prepared=prepared("{res}"),
+        evaluator=f"{W}/evaluator/config.json",
+    output:
+        f"{W}/reference/{DATASET}/r{{res}}.npz",
+    params:
+        h=lambda w: digest([data_section(CFG), CFG["evaluator"], w.res]),
+    threads: CFG["threads"]
+    log:
+        f"{W}/logs/reference_stats.r{{res}}.log",
+    shell:
+        "{LDM} reference-stats --prepared {W}/prepared/{DATASET}/r{wildcards.res} --evaluator {W}/evaluator"
+        " --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule sample:
+    input:
+        model=f"{W}/runs/{{run}}/final.safetensors",
+        vae=[] if CFG["autoencoder"]["pretrained"] else f"{W}/vae/config.json",
+    output:
+        f"{W}/runs/{{run}}/samples/index.json",
+    params:
+        h=lambda w: digest([run_section(CFG, w.run), CFG["sampling"]]),
+    threads: CFG["threads"]
+    log:
+        f"{W}/logs/sample/{{run}}.log",
+    shell:
+        "{LDM} sample --config {CONFIG_JSON} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        samples=f"{W}/runs/{{run}}/samples/index.json",
+        evaluator=f"{W}/evaluator/config.json",
+        reference=lambda w: f"{W}/reference/{DATASET}/r{RUNS[w.run].resolution}.npz",
+    output:
+        f"{R}/metrics/{{run}}.json",
+    params:
+        h=lambda w: digest(eval_section(CFG, w.run)),
+    threads: CFG["threads"]
+    log:
+        f"{W}/logs/evaluate/{{run}}.log",
+    shell:
+        "{LDM} evaluate --config {CONFIG_JSON} --run {wildcards.run} --threads {threads} > {log} 2>&1"
