@@ -5,12 +5,20 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.config import ConfigError, data_section, digest, eval_section, expand_runs, run_section, validate
+import yaml
 
-configfile: "config/default.yaml"
+from ldm.config import ConfigError, data_section, digest, eval_section, expand_runs, merge, run_section, validate
+
+# No `configfile:` directive: Snakemake would deep-merge it under a --configfile, leaking the default's
+# recipes into every other scenario. Without --configfile the embedded default is used (plus --config).
+if "name" not in config:
+    _overrides = dict(config)
+    config.clear()
+    config.update(merge(yaml.safe_load(open(workflow.source_path("config/default.yaml"))), _overrides))
 
 try:
-    CFG = validate(config, source="config")
+    CFG = validate(config, source=", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or []))
+                   or "config/default.yaml")
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 

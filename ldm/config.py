@@ -57,11 +57,11 @@ class Run:
         return f"r{self.resolution}"
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -90,11 +90,11 @@ def validate(config: dict, source: str = "config") -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
-    full = _merge(DEFAULTS, config)
+    full = merge(DEFAULTS, config)
     for name in full["recipes"]:
-        full["recipes"][name] = _merge(RECIPE_DEFAULTS, full["recipes"][name])
+        full["recipes"][name] = merge(RECIPE_DEFAULTS, full["recipes"][name])
     for name, stage in full["stages"].items():
-        full["stages"][name] = _merge(STAGE_DEFAULTS, stage)
+        full["stages"][name] = merge(STAGE_DEFAULTS, stage)
         init = stage.get("init")
         if init is not None and init not in full["stages"]:
             raise ConfigError(f"{source}: stages.{name}.init: unknown stage {init!r}")

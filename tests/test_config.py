@@ -1,0 +1,86 @@
+"""Config schema, run grid and the Snakemake DAG as seen before any job runs."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldm.config import ConfigError, digest, expand_runs, load_config, merge, run_section, validate
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(REPO / "config" / name)
+    assert config["training"]["betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"training": {"stpes": 3}}, "training.stpes: unknown key"),
+    ({"sampling": {"steps": 0}}, "sampling.steps: 0 is less than the minimum of 1"),
+    ({"recipes": {"dit": {"arch": "dti"}}}, "recipes.dit.arch: 'dti' is not one of"),
+    ({"stages": {"pretrain": {"crop": "centre"}}}, "stages.pretrain.crop: 'centre' is not one of"),
+    ({"stages": {"transfer": {"init": "pretrian"}}}, "stages.transfer.init: unknown stage 'pretrian'"),
+    ({"resolutions": {"low": 128}}, "resolutions.low: 128 is above resolutions.high 64"),
+    ({"colour": 1}, "colour: unknown key"),
+])
+def test_schema_rejects_bad_values_naming_the_field(override, message):
+    with pytest.raises(ConfigError) as info:
+        validate(merge(default_raw(), override), source="x.yaml")
+    assert str(info.value).startswith("x.yaml: ")
+    assert message in str(info.value)
+
+
+def test_run_grid_orders_init_first_and_ids_are_stable():
+    config = load_config(REPO / "config" / "default.yaml")
+    runs = expand_runs(config)
+    ids = [r.run_id for r in runs]
+    assert ids == ["dit.synthetic.pretrain.32", "dit.synthetic.transfer.64", "dit.synthetic.scratch.64"]
+    transfer = runs[1]
+    assert transfer.init_run == "dit.synthetic.pretrain.32" and ids.index(transfer.init_run) < 1
+    # A run's hash covers its init chain: changing pre-training changes the transfer run, not scratch.
+    before = {r: digest(run_section(config, r)) for r in ids}
+    changed = validate(merge(default_raw(), {"stages": {"pretrain": {"steps": 7}}}))
+    after = {r: digest(run_section(changed, r)) for r in ids}
+    assert [r for r in ids if before[r] != after[r]] == ids[:2]
+
+
+def test_stage_cycle_is_rejected():
+    raw = merge(default_raw(), {"stages": {"pretrain": {"init": "transfer"}}})
+    with pytest.raises(ConfigError, match="cycle"):
+        expand_runs(validate(raw))
+
+
+def test_dry_run_lists_the_whole_dag_quickly(tmp_path):
+    start = time.perf_counter()
+    out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
+                                      "--directory", str(tmp_path), "--quiet", "rules"],
+                         capture_output=True, text=True, check=True)
+    elapsed = time.perf_counter() - start
+    counts = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts == {"all": 1, "encode": 2, "evaluate": 3, "prepare": 2, "reference_stats": 2, "report": 1,
+                      "sample": 3, "synthesize": 1, "train": 3, "train_evaluator": 1, "train_vae": 1, "total": 20}
+    assert elapsed < 30
+
+
+def test_config_typo_fails_before_any_job(tmp_path):
+    bad = merge(yaml.safe_load((REPO / "config" / "smoke.yaml").read_text()), {"sampling": {"guidnace": 2}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    out = subprocess.run(SNAKEMAKE + ["--cores", "1", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                                      str(tmp_path), "--configfile", str(path)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert f"{path}: sampling.guidnace: unknown key" in out.stdout + out.stderr
+    assert not (tmp_path / "work").exists()  # nothing was scheduled, nothing written
