@@ -64,7 +64,8 @@ def sample_specs(num_images: int, seed: int) -> list[dict]:
     specs = []
     for i, label in enumerate(labels):
         h = rng.randint(MIN_SIDE, MAX_SIDE)
-        aspect = 2.0 ** rng.uniform(-1.0, 1.0)  # w / h in [0.5, 2]
+        # w / h in [2/3, 3/2]: a center crop can cut an object at the edge, rarely remove it entirely
+        aspect = 1.5 ** rng.uniform(-1.0, 1.0)
         w = min(MAX_SIDE, max(MIN_SIDE, round(h * aspect)))
         specs.append({
             "id": f"{i:06d}",
