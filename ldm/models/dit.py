@@ -1,0 +1,212 @@
+"""DiT with adaLN-Zero (Peebles & Xie 2023), following facebookresearch/DiT ``models.py``.
+
+Same semantics and initialisation as the reference: c = t_emb + class_emb (+ control_emb here), every block
+regresses (shift, scale, gate) x 2 from c with a zero-initialised linear, the final layer is zero too, so a
+fresh model outputs exactly 0. Parameter names match the reference, so a published DiT state dict loads
+(its ``pos_embed`` entry is not needed: ours is a non-persistent buffer recomputed from the config).
+
+Differences from the reference, on purpose:
+- the label table always has the null row, and condition dropout is done by the caller
+  (``conditioning.drop_conditions``) so forward is deterministic;
+- optional control-metadata embedding (additive or time-scheduled), optional QK-norm;
+- the positional embedding takes ``pos_embed_base`` (see ``layers.sincos_2d``) for resolution transfer;
+- inputs whose latent size differs from the configured one get an embedding at the same coordinate
+  spacing as the configured grid, instead of an error.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .conditioning import ControlEmbedder
+from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
+
+__all__ = ["DiT", "DIT_SIZES"]
+
+# name -> (hidden, depth, heads, patch); XL/2 at latent 32, 4 channels, 1000 classes, learn_sigma: 675M params
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
+    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
+    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
+}
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block; adaLN-Zero modulation of both branches from the conditioning c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map of each token to its p*p*C output patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT on latents (B, C, H, W); ``config`` rebuilds it via ``model_from_config``."""
+
+    arch = "dit"
+
+    def __init__(
+        self,
+        *,
+        latent_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        patch_size: int = 2,
+        mlp_ratio: float = 4.0,
+        learn_sigma: bool = True,
+        qk_norm: bool = False,
+        class_dropout_prob: float = 0.1,
+        control_mode: str | None = None,
+        control_exponents: dict[str, float] | None = None,
+        control_offsets: dict[str, float] | None = None,
+        control_dropout_prob: float = 0.1,
+        pos_embed_base: float | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if latent_size % patch_size:
+            raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
+        # class_dropout_prob / control_dropout_prob are recipe values read by the training loop; kept in the
+        # config so a checkpoint records how it was trained.
+        self.config = dict(
+            arch=self.arch,
+            latent_size=latent_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            patch_size=patch_size,
+            mlp_ratio=mlp_ratio,
+            learn_sigma=learn_sigma,
+            qk_norm=qk_norm,
+            class_dropout_prob=class_dropout_prob,
+            control_mode=control_mode,
+            control_exponents=dict(control_exponents) if control_exponents else None,
+            control_offsets=dict(control_offsets) if control_offsets else None,
+            control_dropout_prob=control_dropout_prob,
+            pos_embed_base=pos_embed_base,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.latent_size = latent_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.control_embedder = (
+            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
+        )
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grid_size = latent_size // patch_size
+        self.register_buffer("pos_embed", self._pos_embed_for(self.grid_size, self.grid_size), persistent=False)
+        self.initialize_weights()
+
+    # --- positional embedding -------------------------------------------------------------------------
+    def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+        """Embedding for a gh x gw token grid at the configured coordinate spacing (base / grid)."""
+        base = self.config["pos_embed_base"]
+        if base is None:
+            return sincos_2d(self.hidden_size, (gh, gw)).unsqueeze(0)
+        if (gh, gw) == (self.grid_size, self.grid_size):
+            return sincos_2d(self.hidden_size, (gh, gw), float(base)).unsqueeze(0)
+        spacing = float(base) / self.grid_size
+        return sincos_2d(self.hidden_size, (gh, gw), (gh * spacing, gw * spacing)).unsqueeze(0)
+
+    def set_pos_embed_base(self, base: float | None) -> None:
+        """Re-evaluate the sin-cos embedding with a new coordinate range (resolution transfer)."""
+        self.config["pos_embed_base"] = base
+        device = self.pos_embed.device
+        self.pos_embed = self._pos_embed_for(self.grid_size, self.grid_size).to(device)
+
+    # --- init -------------------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier-uniform linears with zero bias, patch conv as a linear, N(0, .02) label
+        table and timestep MLP, zero adaLN regressors and final linear (adaLN-Zero: identity blocks, 0 output)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize()
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    # --- forward ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor,
+        control: torch.Tensor | None = None,
+        control_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) DDPM timestep as float 0..999, class_labels (B,) with num_classes = null,
+        control (B, 6) raw pixels or None (= dropped), control_keep (B,) 0/1. Returns (B, C or 2C, H, W)."""
+        B = x.shape[0]
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        pos = self.pos_embed if (gh, gw) == (self.grid_size, self.grid_size) else self._pos_embed_for(gh, gw)
+        h = self.x_embedder(x) + pos.to(device=x.device, dtype=x.dtype)
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
+        c = self.t_embedder(t) + self.y_embedder(class_labels)
+        if control is not None:
+            if self.control_embedder is None:
+                raise ValueError("this DiT was built without control conditioning (control_mode=None) but got control")
+            c = c + self.control_embedder(control, t, control_keep)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+        h = self.final_layer(h, c)
+        return unpatchify(h, (gh, gw), self.patch_size, self.out_channels)
