@@ -88,7 +88,9 @@ def cmd_train_evaluator(args) -> None:
     images, meta = load_prepared(_prepared_dir(config, config["resolutions"]["high"]))
     classes = json.loads((_prepared_dir(config, config["resolutions"]["high"]) / "report.json").read_text())["classes"]
     attributes = [json.loads(a) for a in meta["attributes"]]
-    names = sorted({k for a in attributes for k in a})
+    # an attribute that always equals the class name (the synthetic "shape") would duplicate the class head
+    names = sorted({k for a in attributes for k in a
+                    if not all(a.get(k) == classes[y] for a, y in zip(attributes, meta["label"]))})
     vocab = {"class": list(classes)}
     labels = {"class": meta["label"].to_numpy().astype(np.int64)}
     for name in names:

@@ -18,6 +18,7 @@ from .config import config_fingerprint, digest, eval_section, get_run
 from .generate import load_samples, read_index
 from .metrics.evaluator import load_evaluator
 from .metrics.fid import cond_accuracy, fd_evaluator, inception_fid, load_stats
+from .prepare import load_prepared
 from .provenance import atomic_write_json, code_version, file_sha256
 from .train import run_dir
 
@@ -39,7 +40,8 @@ def _metrics_of(images: np.ndarray, labels: np.ndarray, wanted: list[str], evalu
         values["cond_accuracy"] = float(cond_accuracy(evaluator.predict(images), {"class": labels})["class"])
     for name, mode in (("fid_clean", "clean"), ("fid_legacy_tf", "legacy_tensorflow")):
         if name in wanted:
-            values[name] = float(inception_fid(images, prepared_path(config, resolution), mode=mode))
+            real, _ = load_prepared(prepared_path(config, resolution))
+            values[name] = float(inception_fid(images, real, mode=mode))
     return values
 
 

@@ -24,8 +24,9 @@ from tqdm import tqdm
 from .config import digest, get_run, run_section
 from .diffusion import build_objective
 from .latents import LatentDataset, sample_latents
-from .models import build_model, model_from_config
-from .provenance import atomic_replace_dir, atomic_write_json
+from .models import build_model
+from .models.conditioning import drop_conditions
+from .provenance import atomic_replace_dir, atomic_write_json, file_sha256
 from .transfer import transfer_state
 
 #: Exit code after a clean stop on SIGTERM/SIGUSR1 (preemption): EX_TEMPFAIL, "try again later".
@@ -59,14 +60,14 @@ def ema_decay_at(step: int, target: float) -> float:
 
 
 def build_run_model(config: dict, run_id: str, latent_shape, num_classes: int):
+    """The run's architecture at its latent size; a transfer run gets its pos-emb base from the init."""
     run = get_run(config, run_id)
-    recipe, stage = config["recipes"][run.recipe], config["stages"][run.stage]
-    options = {"control": recipe["control"]}
-    if run.init_run and stage["pos_embed"] == "interpolate":
-        init_latent = latent_shape[-1] * config["resolutions"][config["stages"][get_run(config, run.init_run).stage]["resolution"]] // run.resolution
-        options["pos_embed_base_latent"] = init_latent
+    recipe = config["recipes"][run.recipe]
+    control = None if recipe["control"] == "none" else recipe["control"]
+    # learn_sigma off: the objectives here train the mean (eps/velocity) only, a sigma head would stay untrained.
     return build_model(recipe["arch"], recipe["size"], latent_size=latent_shape[-1], in_channels=latent_shape[0],
-                       num_classes=num_classes, **options)
+                       num_classes=num_classes, control_mode=control, learn_sigma=False,
+                       class_dropout_prob=recipe["class_dropout"], control_dropout_prob=recipe["control_dropout"])
 
 
 def load_final(path: Path):
@@ -101,7 +102,7 @@ def _unflatten_optimizer(tensors: dict, extra: dict) -> dict:
 
 
 def save_snapshot(directory: Path, step: int, model, ema, optimizer, generators: dict, data_state: dict,
-                  model_config: dict) -> Path:
+                  model_config: dict, resume_key: str) -> Path:
     final = directory / f"step-{step:07d}"
     tmp = directory / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +114,7 @@ def save_snapshot(directory: Path, step: int, model, ema, optimizer, generators:
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({f"rng.{k}": g.get_state() for k, g in generators.items()}, str(tmp / "rng.safetensors"))
     atomic_write_json(tmp / "state.json", {"step": step, "data": data_state, "optimizer": opt_extra,
-                                          "model_config": model_config})
+                                          "model_config": model_config, "resume_key": resume_key})
     atomic_replace_dir(tmp, final)
     return final
 
@@ -151,8 +152,9 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
                               mixed_precision="bf16" if tcfg["precision"] == "bf16" else "no")
 
     dataset = LatentDataset(latents_dir(config, run.resolution))
-    data = dataset.tensors()
-    count = data["mean"].shape[0]
+    count = len(dataset)
+    # per-sample tensors only (the cache also carries its scalar scale/shift factors)
+    data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == count}
     latent_shape = tuple(data["mean"].shape[1:])
     num_classes = len(dataset.classes)
     model = build_run_model(config, run_id, latent_shape, num_classes)
@@ -168,7 +170,16 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
                                   weight_decay=tcfg["weight_decay"])
     start = 0
+    init_path = run_dir(config, run.init_run) / "final.safetensors" if run.init_run else None
+    if init_path is not None and not init_path.exists():
+        raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing (train {run.init_run} first)")
+    # Snapshots are resumed only if they were made by this exact run definition and init weights.
+    resume_key = digest([run_section(config, run_id), file_sha256(init_path) if init_path else None])
     resume = latest_snapshot(snapshots_dir)
+    if resume is not None and json.loads((resume / "state.json").read_text()).get("resume_key") != resume_key:
+        log(f"{run_id}: snapshots in {snapshots_dir} come from another config or init; starting over")
+        shutil.rmtree(snapshots_dir)
+        resume = None
     if resume is not None:
         state = json.loads((resume / "state.json").read_text())
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
@@ -182,10 +193,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         start = state["step"]
         log(f"resuming {run_id} from {resume} (step {start})")
     else:
-        if run.init_run:
-            init_path = run_dir(config, run.init_run) / "final.safetensors"
-            if not init_path.exists():
-                raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing (train {run.init_run} first)")
+        if init_path is not None:
             low_state, low_config, _ = load_final(init_path)
             model = transfer_state(low_state, low_config, model, stage["pos_embed"])
             log(f"initialised {run_id} from {init_path} (pos_embed={stage['pos_embed']})")
@@ -202,7 +210,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
 
     def snapshot(step):
         save_snapshot(snapshots_dir, step, raw_model, ema, optimizer, generators,
-                      {**data_state, "order": order.tolist()}, model_config)
+                      {**data_state, "order": order.tolist()}, model_config, resume_key)
 
     if start == 0 and 0 in targets:
         snapshot(0)
@@ -215,12 +223,12 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     for step in progress:
         idx, order = _next_batch(order, data_state, batch_size, count, data_gen)
         batch = {k: v[idx] for k, v in data.items()}
-        x0, flipped = sample_latents(batch, generator=noise_gen)
+        x0, flipped = sample_latents(batch, generator=noise_gen, scaling_factor=dataset.scaling_factor,
+                                     shift_factor=dataset.shift_factor)
         control = _flip_control(batch["control"].float(), flipped)
-        labels = batch["label"].long().clone()
-        drop_class = torch.rand(len(idx), generator=noise_gen) < recipe["class_dropout"]
-        labels[drop_class] = num_classes
-        control_keep = (torch.rand(len(idx), generator=noise_gen) >= recipe["control_dropout"]).float()
+        labels, control_keep = drop_conditions(batch["label"].long(), num_classes=num_classes,
+                                               class_dropout_prob=recipe["class_dropout"],
+                                               control_dropout_prob=recipe["control_dropout"], generator=noise_gen)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tcfg["lr"], tcfg["warmup"])
         with accelerator.autocast():
@@ -268,10 +276,11 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
 
 def _next_batch(order, data_state, batch_size, count, gen):
     """Next `batch_size` indices, walking epochs of random permutations (drop nothing, wrap epochs)."""
-    picked = []
-    while len(picked) < batch_size:
+    picked, have = [], 0
+    while have < batch_size:
         pos = data_state["position"]
-        take = min(batch_size - len(picked), count - pos)
+        take = min(batch_size - have, count - pos)
+        have += take
         picked.append(order[pos:pos + take])
         data_state["position"] = pos + take
         if data_state["position"] >= count:
