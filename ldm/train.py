@@ -173,8 +173,11 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     init_path = run_dir(config, run.init_run) / "final.safetensors" if run.init_run else None
     if init_path is not None and not init_path.exists():
         raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing (train {run.init_run} first)")
-    # Snapshots are resumed only if they were made by this exact run definition and init weights.
-    resume_key = digest([run_section(config, run_id), file_sha256(init_path) if init_path else None])
+    # Snapshots are resumed only if they were made by this run definition and init weights; the step
+    # budget is left out so that raising `steps` continues a finished run instead of restarting it.
+    section = run_section(config, run_id)
+    section["stage"] = {k: v for k, v in section["stage"].items() if k != "steps"}
+    resume_key = digest([section, file_sha256(init_path) if init_path else None])
     resume = latest_snapshot(snapshots_dir)
     if resume is not None and json.loads((resume / "state.json").read_text()).get("resume_key") != resume_key:
         log(f"{run_id}: snapshots in {snapshots_dir} come from another config or init; starting over")
