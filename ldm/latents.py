@@ -1,0 +1,323 @@
+"""Latent cache: writer (`encode_latents`), reader (`LatentDataset`) and load-time sampling.
+
+Format (docs/formats.md): `shard-NNNNN.safetensors` with the VAE posterior of each crop and of its
+horizontal mirror (mean/std, fp16), label, control (orig/crop box), text token states (fp16) and
+lengths, plus `manifest.json` (counts, per-shard sha256, VAE identity, scaling/shift factors, latent
+shape, crop policy, text encoder, classes).
+
+Why posterior moments and not latents: a sample z = mean + std * eps and the flip are drawn at training
+time (`sample_latents`), so each epoch sees fresh VAE noise and both orientations, as when encoding
+on the fly, at cache cost of 4 tensors instead of one.
+
+Resumability: output shard k always holds prepared rows [k*shard_size, (k+1)*shard_size) and is
+encoded in fixed batches within that shard, so re-encoding one shard reproduces its bytes exactly.
+Each shard is written atomically and recorded (with its sha256) in `.manifest.partial.json`; a rerun
+with the same inputs/parameters keeps every shard whose file still matches its recorded checksum and
+re-encodes the others. `manifest.json` is written last, so its presence means the cache is complete.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.autoencoder import _sha256_file, downsample_factor, load_vae, vae_identity
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ldm-latent-cache/1"
+MANIFEST = "manifest.json"
+PARTIAL = ".manifest.partial.json"
+CONTROL_COLUMNS = ("orig_h", "orig_w", "crop_top", "crop_left", "crop_h", "crop_w")
+MOMENTS = ("mean", "std", "mean_flip", "std_flip")
+
+
+class CorruptShardError(RuntimeError):
+    """A cache shard is missing or its sha256 differs from the manifest."""
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+class _PreparedRows:
+    """Row-range reader over the prepared parquet shards (one decoded file kept at a time)."""
+
+    COLUMNS = ["image", "label", "caption", *CONTROL_COLUMNS]
+
+    def __init__(self, prepared: Path, report: dict):
+        import pyarrow.parquet as pq
+
+        self.files, self.offsets = [], [0]
+        for s in report["shards"]:
+            f = prepared / s["file"]
+            if not f.is_file():
+                raise FileNotFoundError(f"prepared shard missing: {f}")
+            n = pq.ParquetFile(f).metadata.num_rows
+            if n != int(s.get("rows", n)):
+                raise ValueError(f"prepared shard {f} has {n} rows, report.json says {s['rows']}")
+            self.files.append(f)
+            self.offsets.append(self.offsets[-1] + n)
+        self._cached: tuple[int, dict] | None = None
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _file(self, i: int) -> dict:
+        if self._cached is None or self._cached[0] != i:
+            import pyarrow.parquet as pq
+
+            self._cached = (i, pq.read_table(self.files[i], columns=self.COLUMNS).to_pydict())
+        return self._cached[1]
+
+    def rows(self, a: int, b: int) -> dict[str, list]:
+        out: dict[str, list] = {c: [] for c in self.COLUMNS}
+        i = bisect.bisect_right(self.offsets, a) - 1
+        while a < b:
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            take = min(b, hi)
+            cols = self._file(i)
+            for c in self.COLUMNS:
+                out[c] += cols[c][a - lo:take - lo]
+            a, i = take, i + 1
+        return out
+
+
+def _decode_images(blobs: list[bytes], resolution: int) -> torch.Tensor:
+    """PNG bytes -> float32 B x 3 x R x R in [-1, 1]."""
+    from PIL import Image
+
+    arr = []
+    for b in blobs:
+        im = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+        if im.shape[:2] != (resolution, resolution):
+            raise ValueError(f"prepared image is {im.shape[1]}x{im.shape[0]}, report says {resolution}")
+        arr.append(im)
+    x = torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _encode_shard(rows: dict, vae, te, resolution: int, batch_size: int, device) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    n = len(rows["label"])
+    for a in range(0, n, batch_size):
+        b = min(n, a + batch_size)
+        x = _decode_images(rows["image"][a:b], resolution).to(device)
+        post = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+        mean, std = post.mean.float().cpu(), post.std.float().cpu()
+        k = b - a
+        got = {"mean": mean[:k], "std": std[:k], "mean_flip": mean[k:], "std_flip": std[k:]}
+        if te is not None:
+            got["text_emb"], got["text_len"] = te.encode([c or "" for c in rows["caption"][a:b]])
+        for name, t in got.items():
+            parts.setdefault(name, []).append(t)
+    out = {name: torch.cat(parts[name]).half().contiguous() for name in (*MOMENTS, *(("text_emb",) if te else ()))}
+    if te is not None:
+        out["text_len"] = torch.cat(parts["text_len"]).to(torch.int64)
+    out["label"] = torch.tensor(rows["label"], dtype=torch.int64)
+    out["control"] = torch.tensor([[rows[c][i] for c in CONTROL_COLUMNS] for i in range(n)],
+                                  dtype=torch.float32).reshape(n, len(CONTROL_COLUMNS))
+    return out
+
+
+def encode_latents(
+    prepared: Path,
+    vae: str,
+    out: Path,
+    text_encoder: str | None = "minilm",
+    batch_size: int = 64,
+    shard_size: int = 1000,
+    max_text_length: int = 32,
+    device: str | None = None,
+) -> dict:
+    """Encode a prepared directory into a latent cache at `out`; returns the manifest, plus a `run`
+    entry (not written to disk) listing the shards encoded and reused by this call."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from ldm.text import load_text_encoder
+
+    prepared, out = Path(prepared), Path(out)
+    report_path = prepared / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"not a prepared directory (no report.json): {prepared}")
+    report_bytes = report_path.read_bytes()
+    report = json.loads(report_bytes)
+    resolution = int(report["resolution"])
+    source = _PreparedRows(prepared, report)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    identity = vae_identity(vae)
+    model = load_vae(vae).to(device)
+    te = load_text_encoder(text_encoder, max_text_length, device=device)
+    f = downsample_factor(model)
+    latent_shape = [int(model.config.latent_channels), resolution // f, resolution // f]
+    params = {
+        "prepared_report_sha256": hashlib.sha256(report_bytes).hexdigest(),
+        "vae": identity,
+        "text_encoder": None if te is None else {"name": te.name, "dim": te.dim, "max_length": max_text_length},
+        "shard_size": int(shard_size),
+        "batch_size": int(batch_size),
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    for name in (MANIFEST, PARTIAL):
+        p = out / name
+        if p.is_file():
+            try:
+                rec = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue
+            if rec.get("format") == FORMAT and rec.get("params") == params:
+                previous.update({s["file"]: s for s in rec.get("shards", [])})
+    n = len(source)
+    n_shards = max(1, math.ceil(n / shard_size)) if n else 0
+    expected = {_shard_name(k) for k in range(n_shards)}
+    for stale in [*out.glob("shard-*.safetensors"), *out.glob("*.tmp")]:
+        if stale.name not in expected:  # other shard counts, writes cut short by a crash
+            stale.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the cache is "in progress"
+
+    shards, encoded, reused = [], [], []
+    for k in tqdm(range(n_shards), desc=f"encode {out.name}", unit="shard", disable=None):
+        a, b = k * shard_size, min(n, (k + 1) * shard_size)
+        name = _shard_name(k)
+        path = out / name
+        rec = previous.get(name)
+        if rec and rec.get("rows") == b - a and path.is_file() and _sha256_file(path) == rec["sha256"]:
+            shards.append({"file": name, "rows": b - a, "sha256": rec["sha256"]})
+            reused.append(name)
+            continue
+        tensors = _encode_shard(source.rows(a, b), model, te, resolution, batch_size, device)
+        tmp = path.with_name(name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, path)
+        shards.append({"file": name, "rows": b - a, "sha256": _sha256_file(path)})
+        encoded.append(name)
+        _write_json_atomic(out / PARTIAL, {"format": FORMAT, "params": params, "shards": shards})
+        log.info("encoded %s (%d rows)", name, b - a)
+
+    shift = model.config.get("shift_factor")
+    manifest = {
+        "format": FORMAT,
+        "count": n,
+        "num_shards": n_shards,
+        "shards": shards,
+        "vae": identity,
+        "scaling_factor": float(model.config.scaling_factor),
+        "shift_factor": float(shift) if shift is not None else 0.0,
+        "latent_shape": latent_shape,
+        "resolution": resolution,
+        "crop": report.get("crop"),
+        "classes": list(report.get("classes", [])),
+        "text_encoder": params["text_encoder"],
+        "prepared": {"path": str(prepared), "report_sha256": params["prepared_report_sha256"]},
+        "params": params,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    (out / PARTIAL).unlink(missing_ok=True)
+    return {**manifest, "run": {"encoded": encoded, "reused": reused}}
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Reader of a latent cache. With `verify`, every shard's sha256 is checked against the manifest
+    up front (CorruptShardError names the file), so a truncated or bit-flipped cache fails before
+    training rather than midway. Items are dicts of the shard tensors at one row, plus the 0-d
+    `scaling_factor`/`shift_factor` so that `sample_latents` works on a collated batch."""
+
+    def __init__(self, dir: Path, verify: bool = True):
+        self.dir = Path(dir)
+        mpath = self.dir / MANIFEST
+        if not mpath.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {self.dir} (cache missing or encoding not finished)")
+        self.manifest = json.loads(mpath.read_text())
+        self.shards = self.manifest["shards"]
+        if verify:
+            for s in self.shards:
+                p = self.dir / s["file"]
+                if not p.is_file():
+                    raise CorruptShardError(f"{p}: shard listed in manifest is missing")
+                got = _sha256_file(p)
+                if got != s["sha256"]:
+                    raise CorruptShardError(f"{p}: sha256 {got[:12]}... != manifest {s['sha256'][:12]}...")
+        self._offsets = np.cumsum([0] + [int(s["rows"]) for s in self.shards]).tolist()
+        self._cache: tuple[int, dict] | None = None
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.manifest["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.manifest["shift_factor"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes", []))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def _load(self, k: int) -> dict[str, torch.Tensor]:
+        if self._cache is None or self._cache[0] != k:
+            from safetensors.torch import load_file
+
+            self._cache = (k, load_file(str(self.dir / self.shards[k]["file"])))
+        return self._cache[1]
+
+    def _factors(self) -> dict[str, torch.Tensor]:
+        return {"scaling_factor": torch.tensor(self.scaling_factor), "shift_factor": torch.tensor(self.shift_factor)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._offsets, i) - 1
+        row = {name: t[i - self._offsets[k]] for name, t in self._load(k).items()}
+        return {**row, **self._factors()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All shards concatenated (for small caches trained fully in memory)."""
+        from safetensors.torch import load_file
+
+        parts = [load_file(str(self.dir / s["file"])) for s in self.shards]
+        out = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else {}
+        return {**out, **self._factors()}
+
+
+def sample_latents(batch: dict, generator: torch.Generator, flip_prob: float = 0.5,
+                   scaling_factor: float | None = None, shift_factor: float | None = None):
+    """Draw training latents from cached posteriors: per row, choose the mirrored posterior with
+    probability `flip_prob`, then z = (mean + std * eps - shift) * scale in float32.
+    Draw order (flips, then eps) is fixed so a generator state reproduces a batch. Factors default to
+    the batch's `scaling_factor`/`shift_factor` entries (as produced by LatentDataset).
+    Returns (z, flips: bool B)."""
+    mean = batch["mean"]
+    if scaling_factor is None:
+        scaling_factor = float(torch.as_tensor(batch["scaling_factor"]).flatten()[0])
+    if shift_factor is None:
+        shift_factor = float(torch.as_tensor(batch["shift_factor"]).flatten()[0])
+    gdev = generator.device
+    flips = (torch.rand(mean.shape[0], generator=generator, device=gdev) < flip_prob).to(mean.device)
+    eps = torch.randn(mean.shape, generator=generator, device=gdev, dtype=torch.float32).to(mean.device)
+    sel = flips.view(-1, *([1] * (mean.dim() - 1)))
+    m = torch.where(sel, batch["mean_flip"], mean).float()
+    s = torch.where(sel, batch["std_flip"], batch["std"]).float()
+    return (m + s * eps - shift_factor) * scaling_factor, flips
