@@ -42,16 +42,24 @@ wildcard_constraints:
     res=r"\d+",
 
 
+# Each run's final checkpoint is a target too, not only an intermediate: Snakemake does not rebuild a
+# deleted intermediate whose consumers are up to date, and a deleted checkpoint must be retrained (from its
+# last snapshot) with everything downstream of it.
+CHECKPOINTS = expand(f"{W}/runs/{{run}}/final.safetensors", run=RUNS)
+
+
 rule all:
-    """The default target: every run evaluated and the report built."""
+    """The default target: every run trained, evaluated and reported."""
     input:
         f"{R}/summary.json",
+        CHECKPOINTS,
 
 
 rule metrics:
     """Every run's metrics JSON: the DVC `pipeline` stage stops here; `report` is DVC's second stage."""
     input:
         expand(f"{R}/metrics/{{run}}.json", run=RUNS),
+        CHECKPOINTS,
 
 
 include: "workflow/rules/data.smk"

@@ -89,8 +89,9 @@ def cmd_train_evaluator(args) -> None:
     classes = json.loads((_prepared_dir(config, config["resolutions"]["high"]) / "report.json").read_text())["classes"]
     attributes = [json.loads(a) for a in meta["attributes"]]
     # an attribute that always equals the class name (the synthetic "shape") would duplicate the class head
-    names = sorted({k for a in attributes for k in a
-                    if not all(a.get(k) == classes[y] for a, y in zip(attributes, meta["label"]))})
+    class_names = [classes[y] for y in meta["label"]]
+    names = sorted({key for attrs in attributes for key in attrs
+                    if any(row.get(key) != name for row, name in zip(attributes, class_names))})
     vocab = {"class": list(classes)}
     labels = {"class": meta["label"].to_numpy().astype(np.int64)}
     for name in names:
@@ -99,7 +100,8 @@ def cmd_train_evaluator(args) -> None:
         labels[name] = np.array([values.index(a[name]) if name in a else -1 for a in attributes], dtype=np.int64)
     ecfg = config["evaluator"]
     result = train_evaluator(images, labels, vocab, Path(args.out), steps=ecfg["steps"],
-                             batch_size=ecfg["batch_size"], seed=config["seed"], input_size=ecfg["input_size"])
+                             batch_size=ecfg["batch_size"], seed=config["seed"], input_size=ecfg["input_size"],
+                             feature_dim=ecfg["feature_dim"])
     print(f"evaluator written to {args.out}: held-out accuracy {result}")
 
 

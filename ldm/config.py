@@ -23,7 +23,7 @@ DEFAULTS: dict = {
     "dataset": {"synthetic": {"num_images": 1000, "corrupt": 0}},
     "autoencoder": {"pretrained": None, "steps": 600, "batch_size": 32, "lr": 1e-3},
     "text_encoder": "minilm",
-    "evaluator": {"steps": 400, "batch_size": 64, "input_size": 64},
+    "evaluator": {"steps": 600, "batch_size": 64, "input_size": 64, "feature_dim": 64},
     "training": {
         "batch_size": 32, "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup": 1000,
         "grad_clip": 1.0, "ema": 0.9999, "snapshots": 4, "precision": "fp32",

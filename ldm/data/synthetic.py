@@ -29,7 +29,9 @@ COLOURS = {
     "yellow": (235, 205, 30),
 }
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
-SIZES = {"small": 0.3, "large": 0.6}  # object extent as a fraction of the shorter image side
+# Object extent as a fraction of the shorter image side; large enough that the shape (the class)
+# stays legible at 32 px after the f=4 autoencoder, not only colour and position.
+SIZES = {"small": 0.45, "large": 0.75}
 # 3x3 grid: word -> (x fraction, y fraction) of the free range (0 = touching the left/top margin).
 POSITIONS = {
     "top left": (0.0, 0.0), "top": (0.5, 0.0), "top right": (1.0, 0.0),
