@@ -35,6 +35,8 @@ DEFAULTS: dict = {
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"]},
 }
 RECIPE_DEFAULTS = {"objective": "ddpm", "control": "additive", "class_dropout": 0.1, "control_dropout": 0.1}
+FLOW_SAMPLERS = ("euler",)
+DDPM_SAMPLERS = ("ddim", "dpm", "ddpm")
 STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate"}
 
 
@@ -100,6 +102,12 @@ def validate(config: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: stages.{name}.init: unknown stage {init!r}")
         if init == name:
             raise ConfigError(f"{source}: stages.{name}.init: a stage cannot initialise from itself")
+    sampler = full["sampling"]["sampler"]
+    for name, recipe in full["recipes"].items():
+        family = FLOW_SAMPLERS if recipe["objective"] == "rectified_flow" else DDPM_SAMPLERS
+        if sampler not in family:
+            raise ConfigError(f"{source}: sampling.sampler: {sampler!r} cannot sample recipe {name!r} "
+                              f"({recipe['objective']}); use one of {', '.join(family)}")
     res = full["resolutions"]
     if res["low"] > res["high"]:
         raise ConfigError(f"{source}: resolutions.low: {res['low']} is above resolutions.high {res['high']}")

@@ -57,7 +57,7 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
     for entry in index["snapshots"]:
         data = load_samples(samples_dir, entry)
         per_seed: dict[str, list[float]] = {}
-        for seed in index["seeds"]:
+        for seed in entry["seeds"]:
             pick = data["seeds"] == seed
             values = _metrics_of(data["images"][pick], data["labels"][pick], wanted, evaluator, (mu, sigma),
                                  config, run.resolution)
@@ -65,7 +65,7 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
                 per_seed.setdefault(name, []).append(value)
         summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                           "per_seed": v} for name, v in per_seed.items()}
-        curve.append({"step": entry["step"], **{n: s["mean"] for n, s in summary.items()},
+        curve.append({"step": entry["step"], "num_seeds": len(entry["seeds"]), **{n: s["mean"] for n, s in summary.items()},
                       **{f"{n}_std": s["std"] for n, s in summary.items()}})
         final = (entry, data, summary)
         log(f"{run_id} step {entry['step']}: " + ", ".join(f"{n}={s['mean']:.4f}±{s['std']:.4f}" for n, s in summary.items()))

@@ -1,6 +1,7 @@
 """`ldm sample`: images from every snapshot of a run, for every sampling seed, with fixed conditions.
 
-Labels are class-balanced (image i gets class i mod K) and every image has its own noise seed derived from
+The final snapshot is sampled with every seed of `sampling.seeds` (its metrics are mean ± std over them);
+earlier snapshots, which only feed the metric-vs-step curves, with the first seed. Labels are class-balanced (image i gets class i mod K) and every image has its own noise seed derived from
 (sampling seed, i), so image i is the same whatever the batch size. The size/crop condition is that of an
 uncropped square image of `sampling.original_size` pixels (the SDXL convention for "a whole image").
 Images are stored as uint8 tensors in one safetensors shard per snapshot, never as one file per image.
@@ -62,11 +63,14 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
     model = model_from_config(model_config).eval()
     latent_shape = _latent_shape(cache)
     entries = []
-    for snapshot in list_snapshots(run_dir(config, run_id) / "checkpoints"):
+    snapshots = list_snapshots(run_dir(config, run_id) / "checkpoints")
+    for snapshot in snapshots:
         step = int(snapshot.name.split("-")[1])
         model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
         images, seeds = [], []
-        for seed in scfg["seeds"]:
+        # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
+        snapshot_seeds = scfg["seeds"] if snapshot == snapshots[-1] else scfg["seeds"][:1]
+        for seed in snapshot_seeds:
             latents = sample_latents(model, objective, labels, control, latent_shape=latent_shape,
                                      steps=scfg["steps"], guidance_semantic=scfg["guidance"],
                                      guidance_control=scfg["guidance_control"],
@@ -76,11 +80,11 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
             seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
         name = f"step-{step:07d}.safetensors"
         tmp = out / (name + ".tmp")
-        save_file({"images": torch.cat(images).contiguous(), "labels": labels.repeat(len(scfg["seeds"])),
-                   "seeds": torch.cat(seeds), "control": control.repeat(len(scfg["seeds"]), 1)}, str(tmp))
+        save_file({"images": torch.cat(images).contiguous(), "labels": labels.repeat(len(snapshot_seeds)),
+                   "seeds": torch.cat(seeds), "control": control.repeat(len(snapshot_seeds), 1)}, str(tmp))
         tmp.replace(out / name)
-        entries.append({"step": step, "file": name})
-        log(f"{run_id}: sampled step {step} ({len(scfg['seeds'])} seeds x {len(labels)} images)")
+        entries.append({"step": step, "file": name, "seeds": snapshot_seeds})
+        log(f"{run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {len(labels)} images)")
     atomic_write_json(out / "index.json", {
         "run_id": run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
         "sampler": scfg["sampler"], "steps": scfg["steps"],

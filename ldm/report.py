@@ -89,7 +89,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         for rec in records:
             steps = [p["step"] for p in rec["curve"]]
             mean = [p[metric] for p in rec["curve"]]
-            std = [p[f"{metric}_std"] for p in rec["curve"]]
+            std = [p[f"{metric}_std"] for p in rec["curve"]]  # 0 where a snapshot had one seed
             ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=rec["run_id"])
         if metric == "cond_accuracy":
             ax.axhline(records[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
@@ -97,7 +97,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER.get(metric, True) else 'higher'} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("metric vs. training step (mean ± std over sampling seeds)")
+    fig.suptitle("metric vs. training step (first sampling seed; final point: mean ± std over all seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -31,6 +31,7 @@ def test_shipped_configs_validate(name):
     ({"stages": {"transfer": {"init": "pretrian"}}}, "stages.transfer.init: unknown stage 'pretrian'"),
     ({"resolutions": {"low": 128}}, "resolutions.low: 128 is above resolutions.high 64"),
     ({"colour": 1}, "colour: unknown key"),
+    ({"sampling": {"sampler": "dpm"}}, "sampling.sampler: 'dpm' cannot sample recipe 'dit' (rectified_flow)"),
 ])
 def test_schema_rejects_bad_values_naming_the_field(override, message):
     with pytest.raises(ConfigError) as info:
