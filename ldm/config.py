@@ -37,7 +37,7 @@ DEFAULTS: dict = {
 RECIPE_DEFAULTS = {"objective": "ddpm", "control": "additive", "class_dropout": 0.1, "control_dropout": 0.1}
 FLOW_SAMPLERS = ("euler",)
 DDPM_SAMPLERS = ("ddim", "dpm", "ddpm")
-STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate"}
+STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate", "schedule_shift": "none"}
 
 
 class ConfigError(ValueError):
@@ -165,6 +165,17 @@ def _stage_order(stages: dict) -> list[str]:
     for name in stages:
         visit(name)
     return order
+
+
+def schedule_shift(config: dict, run: Run) -> float:
+    """The stage's noise-schedule shift factor; `auto` = resolution / low resolution (PAPER.md:
+    SD3's t' = a t / (1 + (a - 1) t) for flow with a = sqrt(N'/N) tokens, log-SNR - 2 log a for DDPM)."""
+    shift = config["stages"][run.stage]["schedule_shift"]
+    if shift == "none":
+        return 1.0
+    if shift == "auto":
+        return run.resolution / config["resolutions"]["low"]
+    return float(shift)
 
 
 def get_run(config: dict, run_id: str) -> Run:

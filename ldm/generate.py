@@ -17,12 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from .autoencoder import load_vae
 from .config import get_run
-from .diffusion import build_objective
 from .latents import LatentDataset
 from .models import model_from_config
 from .provenance import atomic_write_json
 from .sampling import sample_latents
-from .train import latents_dir, list_snapshots, load_final, run_dir
+from .train import build_run_objective, latents_dir, list_snapshots, load_final, run_dir
 
 
 def vae_location(config: dict) -> str:
@@ -57,7 +56,7 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
     cache = LatentDataset(latents_dir(config, run.resolution), verify=False)
     scaling, shift = cache.scaling_factor, cache.shift_factor
     vae = load_vae(vae_location(config)).eval()
-    objective = build_objective(recipe["objective"])
+    objective = build_run_objective(config, run_id)
     labels, control = sampling_conditions(scfg["num_samples"], len(cache.classes), scfg["original_size"])
     _, model_config, _ = load_final(run_dir(config, run_id) / "final.safetensors")
     model = model_from_config(model_config).eval()

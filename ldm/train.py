@@ -21,10 +21,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .config import digest, get_run, run_section
+from .config import digest, get_run, run_section, schedule_shift
 from .diffusion import build_objective
 from .latents import LatentDataset, sample_latents
-from .models import build_model
+from .models import build_model, model_from_config
 from .models.conditioning import drop_conditions
 from .provenance import atomic_replace_dir, atomic_write_json, file_sha256
 from .transfer import transfer_state
@@ -68,6 +68,14 @@ def build_run_model(config: dict, run_id: str, latent_shape, num_classes: int):
     return build_model(recipe["arch"], recipe["size"], latent_size=latent_shape[-1], in_channels=latent_shape[0],
                        num_classes=num_classes, control_mode=control, learn_sigma=False,
                        class_dropout_prob=recipe["class_dropout"], control_dropout_prob=recipe["control_dropout"])
+
+
+def build_run_objective(config: dict, run_id: str):
+    """The recipe's objective with the stage's resolution-dependent schedule shift."""
+    run = get_run(config, run_id)
+    name = config["recipes"][run.recipe]["objective"]
+    shift = schedule_shift(config, run)
+    return build_objective(name, **({"shift": shift} if name == "rectified_flow" else {"resolution_shift": shift}))
 
 
 def load_final(path: Path):
@@ -157,19 +165,14 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == count}
     latent_shape = tuple(data["mean"].shape[1:])
     num_classes = len(dataset.classes)
-    model = build_run_model(config, run_id, latent_shape, num_classes)
-    model_config = dict(model.config)
-    objective = build_objective(recipe["objective"])
-
+    objective = build_run_objective(config, run_id)
+    base_lr = stage.get("lr", tcfg["lr"])
     seed = int(digest([config["seed"], run_id]), 16) % (2**63)
     data_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator().manual_seed(seed + 1)
     generators = {"data": data_gen, "noise": noise_gen}
     data_state = {"epoch": 0, "position": 0}
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
-                                  weight_decay=tcfg["weight_decay"])
-    start = 0
     init_path = run_dir(config, run.init_run) / "final.safetensors" if run.init_run else None
     if init_path is not None and not init_path.exists():
         raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing (train {run.init_run} first)")
@@ -183,10 +186,14 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         log(f"{run_id}: snapshots in {snapshots_dir} come from another config or init; starting over")
         shutil.rmtree(snapshots_dir)
         resume = None
+
+    start = 0
     if resume is not None:
         state = json.loads((resume / "state.json").read_text())
+        model = model_from_config(state["model_config"])  # as saved: includes a transfer's pos-emb base
         model.load_state_dict(load_file(str(resume / "model.safetensors")))
         ema = load_file(str(resume / "ema.safetensors"))
+        optimizer = _adamw(model, base_lr, tcfg)
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(resume / "optimizer.safetensors")),
                                                        state["optimizer"]))
         rng = load_file(str(resume / "rng.safetensors"))
@@ -196,11 +203,14 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         start = state["step"]
         log(f"resuming {run_id} from {resume} (step {start})")
     else:
+        model = build_run_model(config, run_id, latent_shape, num_classes)
         if init_path is not None:
             low_state, low_config, _ = load_final(init_path)
             model = transfer_state(low_state, low_config, model, stage["pos_embed"])
             log(f"initialised {run_id} from {init_path} (pos_embed={stage['pos_embed']})")
         ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        optimizer = _adamw(model, base_lr, tcfg)
+    model_config = dict(model.config)  # after transfer: sampling must rebuild the same pos-emb
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -233,7 +243,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
                                                class_dropout_prob=recipe["class_dropout"],
                                                control_dropout_prob=recipe["control_dropout"], generator=noise_gen)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg["lr"], tcfg["warmup"])
+            group["lr"] = lr_at(step, base_lr, tcfg["warmup"])
         with accelerator.autocast():
             loss = objective.loss(model, x0, {"class_labels": labels, "control": control,
                                               "control_keep": control_keep}, noise_gen).mean()
@@ -275,6 +285,10 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
                                     "step": str(stage["steps"]), "run_hash": digest(run_section(config, run_id))})
     tmp.replace(final)
     return final
+
+
+def _adamw(model, lr: float, tcfg: dict) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(tcfg["betas"]), weight_decay=tcfg["weight_decay"])
 
 
 def _next_batch(order, data_state, batch_size, count, gen):

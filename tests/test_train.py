@@ -116,6 +116,10 @@ def test_transfer_starts_from_the_pretrained_weights(cache_config):
     assert low.keys() == step0.keys()
     assert all(torch.equal(low[k], step0[k]) for k in low)
     assert any("pos_embed=interpolate" in m for m in messages)
+    # the snapshot records the resampled pos-emb base (the 16 px token grid: 4x4 latent / patch 2), so
+    # sampling and resume rebuild it
+    state = json.loads((run_dir(config, "dit.synthetic.transfer.32") / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["model_config"]["pos_embed_base"] == 2 and state["model_config"]["latent_size"] == 8
 
 
 def test_sigterm_snapshots_and_exits_with_the_documented_code(cache_config, tmp_path):
