@@ -203,6 +203,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         start = state["step"]
         log(f"resuming {run_id} from {resume} (step {start})")
     else:
+        torch.manual_seed(seed)  # weight init draws from the global generator: make it the run's own
         model = build_run_model(config, run_id, latent_shape, num_classes)
         if init_path is not None:
             low_state, low_config, _ = load_final(init_path)
