@@ -30,6 +30,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ldm.provenance import atomic_replace_dir, file_sha256
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -101,13 +103,7 @@ def _atomic_save(vae, out: Path, extra: dict[str, dict]) -> None:
     vae.save_pretrained(tmp, safe_serialization=True)
     for name, obj in extra.items():
         (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    atomic_replace_dir(tmp, out)
 
 
 @torch.no_grad()
@@ -292,12 +288,6 @@ def load_vae(path_or_id: str, subfolder: str | None = None, cache_dir: str | Pat
     return vae.eval().requires_grad_(False)
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def vae_identity(path_or_id: str, subfolder: str | None = None, cache_dir: str | Path | None = None) -> dict:
@@ -312,5 +302,5 @@ def vae_identity(path_or_id: str, subfolder: str | None = None, cache_dir: str |
     return {
         "source": str(path_or_id),
         "config_sha256": hashlib.sha256(canon.encode()).hexdigest(),
-        "weights_sha256": _sha256_file(d / WEIGHTS_NAME),
+        "weights_sha256": file_sha256(d / WEIGHTS_NAME),
     }

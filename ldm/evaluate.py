@@ -6,7 +6,6 @@ holds every snapshot for metric-vs-step plots. A sample grid of the last snapsho
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

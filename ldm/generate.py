@@ -50,7 +50,7 @@ def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, ba
 
 def sample_run(config: dict, run_id: str, log=print) -> Path:
     run = get_run(config, run_id)
-    recipe, scfg = config["recipes"][run.recipe], config["sampling"]
+    _recipe, scfg = config["recipes"][run.recipe], config["sampling"]
     out = run_dir(config, run_id) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     cache = LatentDataset(latents_dir(config, run.resolution), verify=False)

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.autoencoder import _sha256_file, downsample_factor, load_vae, vae_identity
+from ldm.autoencoder import downsample_factor, load_vae, vae_identity
+from ldm.provenance import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ MOMENTS = ("mean", "std", "mean_flip", "std_flip")
 
 class CorruptShardError(RuntimeError):
     """A cache shard is missing or its sha256 differs from the manifest."""
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _shard_name(k: int) -> str:
@@ -200,7 +195,7 @@ def encode_latents(
         name = _shard_name(k)
         path = out / name
         rec = previous.get(name)
-        if rec and rec.get("rows") == b - a and path.is_file() and _sha256_file(path) == rec["sha256"]:
+        if rec and rec.get("rows") == b - a and path.is_file() and file_sha256(path) == rec["sha256"]:
             shards.append({"file": name, "rows": b - a, "sha256": rec["sha256"]})
             reused.append(name)
             continue
@@ -208,9 +203,9 @@ def encode_latents(
         tmp = path.with_name(name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, path)
-        shards.append({"file": name, "rows": b - a, "sha256": _sha256_file(path)})
+        shards.append({"file": name, "rows": b - a, "sha256": file_sha256(path)})
         encoded.append(name)
-        _write_json_atomic(out / PARTIAL, {"format": FORMAT, "params": params, "shards": shards})
+        atomic_write_json(out / PARTIAL, {"format": FORMAT, "params": params, "shards": shards})
         log.info("encoded %s (%d rows)", name, b - a)
 
     shift = model.config.get("shift_factor")
@@ -230,7 +225,7 @@ def encode_latents(
         "prepared": {"path": str(prepared), "report_sha256": params["prepared_report_sha256"]},
         "params": params,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     (out / PARTIAL).unlink(missing_ok=True)
     return {**manifest, "run": {"encoded": encoded, "reused": reused}}
 
@@ -253,7 +248,7 @@ class LatentDataset(torch.utils.data.Dataset):
                 p = self.dir / s["file"]
                 if not p.is_file():
                     raise CorruptShardError(f"{p}: shard listed in manifest is missing")
-                got = _sha256_file(p)
+                got = file_sha256(p)
                 if got != s["sha256"]:
                     raise CorruptShardError(f"{p}: sha256 {got[:12]}... != manifest {s['sha256'][:12]}...")
         self._offsets = np.cumsum([0] + [int(s["rows"]) for s in self.shards]).tolist()

@@ -19,6 +19,7 @@ import numpy as np
 
 from ldm.data.sources import open_source
 from ldm.data.transforms import CROP_POLICIES, SkipImage, crop_and_resize, decode_image
+from ldm.provenance import file_sha256
 
 COLUMNS = ("key", "image", "label", "caption", "attributes", "orig_h", "orig_w",
            "crop_top", "crop_left", "crop_h", "crop_w", "flip")
@@ -41,14 +42,6 @@ def sample_rng(seed: int, key: str) -> np.random.Generator:
     """Per-image generator from (seed, key): independent of order and of other images."""
     digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_shard(path: Path, rows: list[dict]) -> None:
@@ -94,7 +87,7 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
     def flush() -> None:
         path = out / f"shard-{len(shards):05d}.parquet"
         _write_shard(path, rows)
-        shards.append({"file": path.name, "rows": len(rows), "sha256": _sha256(path)})
+        shards.append({"file": path.name, "rows": len(rows), "sha256": file_sha256(path)})
         rows.clear()
 
     for sample in tqdm(src, desc=f"prepare {resolution}px", unit="img", disable=None):
@@ -155,7 +148,7 @@ def load_prepared(dir: Path, verify: bool = True):
         raise FileNotFoundError(f"no prepared shards in {dir}")
     images, frames = [], []
     for path, digest in files:
-        if verify and digest is not None and _sha256(path) != digest:
+        if verify and digest is not None and file_sha256(path) != digest:
             raise ValueError(f"{path}: sha256 does not match report.json (stale or corrupted shard)")
         table = pq.read_table(path)
         images.extend(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist())

@@ -9,7 +9,6 @@ to get out of sync on resume.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import sys
