@@ -8,6 +8,7 @@ to get out of sync on resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -25,7 +26,7 @@ from .diffusion import build_objective
 from .latents import LatentDataset, sample_latents
 from .models import build_model, model_from_config
 from .models.conditioning import drop_conditions
-from .provenance import atomic_replace_dir, atomic_write_json, file_sha256
+from .provenance import atomic_replace_dir, atomic_write_json
 from .transfer import transfer_state
 
 #: Exit code after a clean stop on SIGTERM/SIGUSR1 (preemption): EX_TEMPFAIL, "try again later".
@@ -75,6 +76,18 @@ def build_run_objective(config: dict, run_id: str):
     name = config["recipes"][run.recipe]["objective"]
     shift = schedule_shift(config, run)
     return build_objective(name, **({"shift": shift} if name == "rectified_flow" else {"resolution_shift": shift}))
+
+
+def weights_digest(path: Path) -> str:
+    """Hash of a safetensors file's tensors (names, dtypes, shapes, bytes), not of the file: safetensors
+    writes its metadata in a per-process order, so identical weights can differ byte for byte."""
+    digest_ = hashlib.sha256()
+    tensors = load_file(str(path))
+    for name in sorted(tensors):
+        value = tensors[name].contiguous()
+        digest_.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
+        digest_.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest_.hexdigest()
 
 
 def load_final(path: Path):
@@ -179,7 +192,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     # budget is left out so that raising `steps` continues a finished run instead of restarting it.
     section = run_section(config, run_id)
     section["stage"] = {k: v for k, v in section["stage"].items() if k != "steps"}
-    resume_key = digest([section, file_sha256(init_path) if init_path else None])
+    resume_key = digest([section, weights_digest(init_path) if init_path else None])
     resume = latest_snapshot(snapshots_dir)
     if resume is not None and json.loads((resume / "state.json").read_text()).get("resume_key") != resume_key:
         log(f"{run_id}: snapshots in {snapshots_dir} come from another config or init; starting over")

@@ -106,6 +106,19 @@ def test_a_fresh_run_is_reproducible_whatever_the_global_rng(cache_config):
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
+def test_weights_digest_ignores_metadata_order(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.train import weights_digest
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), {"one": "1", "two": "2"})
+    save_file(tensors, str(tmp_path / "y.safetensors"), {"two": "2", "one": "1", "three": "3"})
+    assert weights_digest(tmp_path / "x.safetensors") == weights_digest(tmp_path / "y.safetensors")
+    save_file({**tensors, "a": tensors["a"] + 1}, str(tmp_path / "z.safetensors"))
+    assert weights_digest(tmp_path / "z.safetensors") != weights_digest(tmp_path / "x.safetensors")
+
+
 def test_changed_config_does_not_resume_stale_snapshots(cache_config):
     run = "dit.synthetic.pretrain.16"
     first = with_steps(cache_config, "pretrain", 4, 2)

@@ -1,0 +1,111 @@
+"""Benchmark: `ldm train` steps/s against a minimal hand-written loop over the same model and data.
+
+Both loops run in this process on the latent cache of the embedded default (run the pipeline first),
+alternating repeats so that machine load hits both alike. The minimal loop keeps only what any DiT script
+has (batch indexing, noise, forward, backward, AdamW step); `ldm train` adds condition dropout, flips,
+EMA, grad clipping, logging and snapshots. Prints a table, then the overhead ratio on the last line.
+
+    python benchmarks/train_overhead.py [--steps 200] [--repeats 3] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ldm.config import load_config  # noqa: E402
+from ldm.latents import LatentDataset, sample_latents  # noqa: E402
+from ldm.train import build_run_model, build_run_objective, latents_dir, train_run  # noqa: E402
+
+RUN = "dit.synthetic.pretrain.32"
+
+
+def ldm_train_seconds(config: dict, steps: int) -> float:
+    config = copy.deepcopy(config)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    (work / "latents").symlink_to((REPO / config["workdir"] / "latents").resolve())
+    config["workdir"] = str(work)
+    config["stages"]["pretrain"]["steps"] = steps
+    config["training"]["snapshots"] = 1
+    start = time.perf_counter()
+    train_run(config, RUN, log=lambda *_: None)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(work)
+    return elapsed
+
+
+def minimal_loop_seconds(config: dict, steps: int) -> float:
+    start = time.perf_counter()
+    dataset = LatentDataset(latents_dir(config, config["resolutions"]["low"]))
+    data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == len(dataset)}
+    torch.manual_seed(0)
+    model = build_run_model(config, RUN, tuple(data["mean"].shape[1:]), len(dataset.classes))
+    objective = build_run_objective(config, RUN)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["training"]["lr"])
+    gen = torch.Generator().manual_seed(0)
+    batch_size = config["training"]["batch_size"]
+    for _ in range(steps):
+        idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
+        batch = {k: v[idx] for k, v in data.items()}
+        x0, _ = sample_latents(batch, gen, scaling_factor=dataset.scaling_factor, shift_factor=dataset.shift_factor)
+        loss = objective.loss(model, x0, {"class_labels": batch["label"], "control": batch["control"]}, gen).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="write benchmarks/results/train_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(REPO / "config" / "default.yaml")
+    if not (REPO / config["workdir"] / "latents").exists():
+        sys.exit("no latent cache: run `snakemake --cores 2` (the embedded default) first")
+    ours, minimal = [], []
+    for _ in range(args.repeats):
+        minimal.append(minimal_loop_seconds(config, args.steps))
+        ours.append(ldm_train_seconds(config, args.steps))
+    med_ours, med_min = statistics.median(ours), statistics.median(minimal)
+    print(f"{'loop':<14}{'median s':>10}{'steps/s':>10}   repeats (s)")
+    for name, times, med in (("ldm train", ours, med_ours), ("minimal", minimal, med_min)):
+        print(f"{name:<14}{med:>10.2f}{args.steps / med:>10.1f}   " + ", ".join(f"{t:.2f}" for t in times))
+    ratio = med_ours / med_min
+    if args.json:
+        out = REPO / "benchmarks" / "results" / "train_overhead.json"
+        out.write_text(json.dumps({
+            "benchmark": "train_overhead", "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
+            "ldm_train_s": ours, "minimal_s": minimal, "ratio": ratio, "cpu": cpu_model(),
+            "torch": torch.__version__, "python": platform.python_version(),
+        }, indent=2) + "\n")
+    print(f"ldm train / minimal loop wall time: {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
