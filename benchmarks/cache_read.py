@@ -19,10 +19,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.train_overhead import cpu_model  # noqa: E402
+from benchmarks.train_overhead import cpu_model, minimal_step_fn  # noqa: E402
 from ldm.config import load_config  # noqa: E402
-from ldm.latents import LatentDataset, sample_latents  # noqa: E402
-from ldm.train import build_run_model, build_run_objective, latents_dir  # noqa: E402
+from ldm.latents import LatentDataset  # noqa: E402
+from ldm.train import latents_dir  # noqa: E402
 
 RUN = "dit.synthetic.scratch.64"
 
@@ -41,25 +41,12 @@ def read_rate(cache: Path, batch_size: int, batches: int) -> float:
 
 
 def training_rate(config: dict, steps: int) -> float:
-    dataset = LatentDataset(latents_dir(config, config["resolutions"]["high"]), verify=False)
-    data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == len(dataset)}
-    model = build_run_model(config, RUN, tuple(data["mean"].shape[1:]), len(dataset.classes))
-    objective = build_run_objective(config, RUN)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    batch_size = config["training"]["batch_size"]
-    start = None
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()
-        idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
-        batch = {k: v[idx] for k, v in data.items()}
-        x0, _ = sample_latents(batch, gen, scaling_factor=dataset.scaling_factor, shift_factor=dataset.shift_factor)
-        loss = objective.loss(model, x0, {"class_labels": batch["label"], "control": batch["control"]}, gen).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return steps * batch_size / (time.perf_counter() - start)
+    step = minimal_step_fn(config, RUN)
+    step()  # the first step pays for allocator warm-up
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        seen += step()
+    return seen / (time.perf_counter() - start)
 
 
 def main() -> None:

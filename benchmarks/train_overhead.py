@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ldm.config import load_config  # noqa: E402
+from ldm.config import expand_runs, load_config  # noqa: E402
 from ldm.latents import LatentDataset, sample_latents  # noqa: E402
 from ldm.train import build_run_model, build_run_objective, latents_dir, train_run  # noqa: E402
 
@@ -46,17 +46,20 @@ def ldm_train_seconds(config: dict, steps: int) -> float:
     return elapsed
 
 
-def minimal_loop_seconds(config: dict, steps: int) -> float:
-    start = time.perf_counter()
-    dataset = LatentDataset(latents_dir(config, config["resolutions"]["low"]))
+def minimal_step_fn(config: dict, run: str = RUN):
+    """Set up the minimal loop for `run` (its cache, model, objective, AdamW) and return one training step:
+    batch indexing, noise, forward, backward, optimizer step; nothing else."""
+    resolution = next(r.resolution for r in expand_runs(config) if r.run_id == run)
+    dataset = LatentDataset(latents_dir(config, resolution), verify=False)
     data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == len(dataset)}
     torch.manual_seed(0)
-    model = build_run_model(config, RUN, tuple(data["mean"].shape[1:]), len(dataset.classes))
-    objective = build_run_objective(config, RUN)
+    model = build_run_model(config, run, tuple(data["mean"].shape[1:]), len(dataset.classes))
+    objective = build_run_objective(config, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["training"]["lr"])
     gen = torch.Generator().manual_seed(0)
     batch_size = config["training"]["batch_size"]
-    for _ in range(steps):
+
+    def step() -> int:
         idx = torch.randint(0, len(dataset), (batch_size,), generator=gen)
         batch = {k: v[idx] for k, v in data.items()}
         x0, _ = sample_latents(batch, gen, scaling_factor=dataset.scaling_factor, shift_factor=dataset.shift_factor)
@@ -64,6 +67,17 @@ def minimal_loop_seconds(config: dict, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return batch_size
+
+    return step
+
+
+def minimal_loop_seconds(config: dict, steps: int) -> float:
+    """Set-up included, as `ldm train`'s wall time includes its own."""
+    start = time.perf_counter()
+    step = minimal_step_fn(config)
+    for _ in range(steps):
+        step()
     return time.perf_counter() - start
 
 
