@@ -27,14 +27,21 @@ DEFAULTS: dict = {
     "training": {
         "batch_size": 32, "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.0, "warmup": 1000,
         "grad_clip": 1.0, "ema": 0.9999, "snapshots": 4, "precision": "fp32",
+        "lr_schedule": "constant", "min_lr_ratio": 0.0, "grad_accum": 1, "checkpoint_every": None,
+        "keep_last": 2, "distributed": "ddp", "max_nonfinite_skips": 0,
     },
     "sampling": {
         "sampler": "ddim", "steps": 50, "guidance": 1.5, "guidance_control": 1.0,
         "num_samples": 256, "seeds": [0, 1, 2], "original_size": 256, "batch_size": 64,
+        "guidance_sweep": [], "guidance_interval": None, "size_conditions": [],
     },
-    "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"]},
+    "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None},
 }
-RECIPE_DEFAULTS = {"objective": "ddpm", "control": "additive", "class_dropout": 0.1, "control_dropout": 0.1}
+RECIPE_DEFAULTS = {
+    "objective": "ddpm", "conditioning": "class", "semantic": None, "control": "additive",
+    "control_exponents": {}, "control_offsets": {}, "text_padding": "noisy_replicate", "text_pad_sigma": 0.1,
+    "class_dropout": 0.1, "control_dropout": 0.1, "qk_norm": False, "gradient_checkpointing": False, "options": {},
+}
 FLOW_SAMPLERS = ("euler",)
 DDPM_SAMPLERS = ("ddim", "dpm", "ddpm")
 STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate", "schedule_shift": "none"}
@@ -102,12 +109,15 @@ def validate(config: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: stages.{name}.init: unknown stage {init!r}")
         if init == name:
             raise ConfigError(f"{source}: stages.{name}.init: a stage cannot initialise from itself")
-    sampler = full["sampling"]["sampler"]
     for name, recipe in full["recipes"].items():
         family = FLOW_SAMPLERS if recipe["objective"] == "rectified_flow" else DDPM_SAMPLERS
+        sampler = sampler_for(full, name)
         if sampler not in family:
-            raise ConfigError(f"{source}: sampling.sampler: {sampler!r} cannot sample recipe {name!r} "
+            where = f"recipes.{name}.sampler" if "sampler" in recipe else "sampling.sampler"
+            raise ConfigError(f"{source}: {where}: {sampler!r} cannot sample recipe {name!r} "
                               f"({recipe['objective']}); use one of {', '.join(family)}")
+        if recipe["conditioning"] == "text" and full["text_encoder"] in (None, "none"):
+            raise ConfigError(f"{source}: recipes.{name}.conditioning: 'text' needs a text_encoder (it is null)")
     res = full["resolutions"]
     if res["low"] > res["high"]:
         raise ConfigError(f"{source}: resolutions.low: {res['low']} is above resolutions.high {res['high']}")
@@ -115,6 +125,18 @@ def validate(config: dict, source: str = "config") -> dict:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     return full
+
+
+def sampler_for(config: dict, recipe: str) -> str:
+    """The sampler of one recipe: its own `sampler`, else `sampling.sampler` (a name, or one per objective)."""
+    spec = config["recipes"][recipe]
+    if "sampler" in spec:
+        return spec["sampler"]
+    sampler = config["sampling"]["sampler"]
+    if isinstance(sampler, dict):
+        default = "euler" if spec["objective"] == "rectified_flow" else "ddim"
+        return sampler.get(spec["objective"], default)
+    return sampler
 
 
 def load_config(path: str | Path) -> dict:

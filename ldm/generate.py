@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .autoencoder import load_vae
-from .config import get_run
+from .config import get_run, sampler_for
 from .latents import LatentDataset
 from .models import model_from_config
 from .provenance import atomic_write_json
@@ -74,7 +74,7 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
                                      steps=scfg["steps"], guidance_semantic=scfg["guidance"],
                                      guidance_control=scfg["guidance_control"],
                                      seeds=image_seeds(seed, len(labels)), batch_size=scfg["batch_size"],
-                                     sampler=scfg["sampler"])
+                                     sampler=sampler_for(config, run.recipe))
             images.append(decode_to_uint8(vae, latents, scaling, shift))
             seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
         name = f"step-{step:07d}.safetensors"
@@ -86,7 +86,7 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
         log(f"{run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {len(labels)} images)")
     atomic_write_json(out / "index.json", {
         "run_id": run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
-        "sampler": scfg["sampler"], "steps": scfg["steps"],
+        "sampler": sampler_for(config, run.recipe), "steps": scfg["steps"],
         "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"]},
         "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
     })

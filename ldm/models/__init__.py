@@ -2,6 +2,22 @@
 
 Every model exposes ``config`` (JSON-able, includes ``arch``) so that a checkpoint's ``state.json`` is
 enough to rebuild it with ``model_from_config``; sizes are presets of the constructor arguments.
+
+The contract every architecture keeps (the training loop, samplers and transfer rely on nothing else):
+
+- constructor keywords shared by all: ``latent_size, in_channels, num_classes, text_dim=None,
+  learn_sigma, qk_norm, semantic=None (adaln | attention; None = the architecture's own), control_mode
+  (None | additive | disentangled), control_exponents, control_offsets, class_dropout_prob,
+  control_dropout_prob, gradient_checkpointing``; transformers also take ``pos_embed_base``.
+- ``forward(x, t, class_labels=None, control=None, control_keep=None, text=None, text_mask=None,
+  text_keep=None)``: ``x`` (B, C, H, W) latents; ``t`` (B,) float model time 0..999 (999 = pure noise);
+  ``class_labels`` (B,) long with ``num_classes`` = dropped (null); ``control`` (B, 6) raw pixels
+  (``conditioning.CONTROL_FIELDS``) or None, ``control_keep`` (B,) 0/1; ``text`` (B, L, text_dim) caption
+  token states already padded by ``text.pad_tokens``, ``text_mask`` (B, L) bool (True = attend) or None,
+  ``text_keep`` (B,) 0/1 where 0 swaps in the model's learned null caption. A model is class-conditional
+  when ``text_dim`` is None and text-conditional otherwise. Returns (B, C or 2C if learn_sigma, H, W).
+- attributes ``num_classes``, ``text_dim``, ``in_channels``, ``out_channels``, ``config``; transformers
+  also ``set_pos_embed_base(base)`` and ``config["patch_size"]`` for ``transfer.transfer_state``.
 """
 from __future__ import annotations
 
