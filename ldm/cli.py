@@ -151,6 +151,18 @@ def cmd_report(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_models(args) -> None:
+    from tabulate import tabulate
+
+    from .models.inventory import inventory
+
+    rows = inventory(args.arch or None, args.size or None)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(tabulate([{**r, "params": f"{r['params'] / 1e6:.1f}M"} for r in rows], headers="keys"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "metrics of a run's samples, mean ± std over seeds", True, True)
     p.add_argument("--run", required=True)
     add("report", cmd_report, "tables and plots from the metrics JSONs", True)
+    p = add("models", cmd_models, "architectures and sizes: parameters and forward GFLOPs at 256/512 px (meta device)")
+    p.add_argument("--json", action="store_true", help="one JSON list, one object per architecture and size")
+    p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
+    p.add_argument("--size", action="append", help="only this size name (repeatable)")
     return parser
 
 

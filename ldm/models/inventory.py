@@ -1,0 +1,93 @@
+"""Parameter and FLOP counts of every registered architecture and size (``ldm models``).
+
+Models are built on the ``meta`` device, so even XL sizes cost no memory and no time to "run": the
+forward pass only propagates shapes while ``torch.utils.flop_counter.FlopCounterMode`` counts the
+matmuls, convolutions and attention kernels (2 FLOPs per multiply-add; elementwise ops are not counted,
+which is also the convention of the DiT paper's Gflops column).
+
+Each architecture is counted as published: image latents of the SD-VAE (f = 8, 4 channels) and the
+conditioning its paper trains with (1000 ImageNet classes; caption tokens for the text-to-image models,
+see ``PUBLISHED_CONDITIONING``). ``learn_sigma`` follows the published models too (DiT, mDT, PixArt-α
+predict the variance; mmDiT and the LDM UNet do not).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import ARCHITECTURES, build_model
+
+__all__ = ["PUBLISHED_SIZE", "PUBLISHED_CONDITIONING", "count_parameters", "forward_flops", "inventory"]
+
+VAE_FACTOR = 8
+VAE_CHANNELS = 4
+IMAGENET_CLASSES = 1000
+
+#: name of the configuration the paper compares, per architecture
+PUBLISHED_SIZE = {"dit": "XL/2", "mdt": "XL/2", "pixart": "XL/2", "mmdit": "XL/2", "unet": "LDM-4",
+                  "improved": "XL/2"}
+
+#: constructor keywords and text length (tokens) of each architecture's published conditioning.
+#: PixArt-α: T5-XXL states, 4096-d, 120 tokens (PixArt-α paper, sec. 3). mmDiT: SD3's context is CLIP-L/G
+#: and T5 states projected to 4096-d, 77 + 256 = 333 tokens (SD3 paper, sec. 5). Class-conditional
+#: architectures (DiT, mDT, LDM-4) take ImageNet labels only.
+PUBLISHED_CONDITIONING: dict[str, dict[str, Any]] = {
+    "dit": {"learn_sigma": True},
+    "mdt": {"learn_sigma": True},
+    "unet": {"learn_sigma": False},
+    "pixart": {"learn_sigma": True, "text_dim": 4096, "text_tokens": 120},
+    "mmdit": {"learn_sigma": False, "text_dim": 4096, "text_tokens": 333},
+}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build(arch: str, size: str, latent_size: int) -> tuple[torch.nn.Module, int]:
+    spec = dict(PUBLISHED_CONDITIONING.get(arch, {"learn_sigma": True}))
+    text_tokens = int(spec.pop("text_tokens", 0))
+    with torch.device("meta"):
+        model = build_model(arch, size, latent_size=latent_size, in_channels=VAE_CHANNELS,
+                            num_classes=IMAGENET_CLASSES, **spec)
+    return model.eval(), text_tokens
+
+
+def forward_flops(arch: str, size: str, image_size: int) -> int:
+    """FLOPs of one forward pass for one image of ``image_size`` px (SD-VAE latent), meta device."""
+    latent = image_size // VAE_FACTOR
+    model, text_tokens = _build(arch, size, latent)
+    meta = torch.device("meta")
+    x = torch.empty(1, VAE_CHANNELS, latent, latent, device=meta)
+    t = torch.empty(1, device=meta)
+    kwargs: dict[str, torch.Tensor] = {"class_labels": torch.zeros(1, dtype=torch.long, device=meta)}
+    if getattr(model, "text_dim", None):
+        kwargs = {"text": torch.empty(1, text_tokens, model.text_dim, device=meta),
+                  "text_keep": torch.ones(1, device=meta)}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, **kwargs)
+    return int(counter.get_total_flops())
+
+
+def inventory(archs: list[str] | None = None, sizes: list[str] | None = None) -> list[dict[str, Any]]:
+    """One record per (arch, size): params at the published conditioning and forward GFLOPs at 256/512 px."""
+    rows = []
+    for arch in archs or list(ARCHITECTURES):
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        for size in ARCHITECTURES[arch][1]:
+            if sizes and size not in sizes:
+                continue
+            model, _ = _build(arch, size, 256 // VAE_FACTOR)
+            rows.append({
+                "arch": arch,
+                "size": size,
+                "published": size == PUBLISHED_SIZE.get(arch),
+                "params": count_parameters(model),
+                "fwd_gflops_256": round(forward_flops(arch, size, 256) / 1e9, 2),
+                "fwd_gflops_512": round(forward_flops(arch, size, 512) / 1e9, 2),
+            })
+    return rows

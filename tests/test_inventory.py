@@ -1,0 +1,48 @@
+"""`ldm models`: parameter and FLOP counts against the published figures and a closed form."""
+import json
+
+import pytest
+
+from ldm.cli import main
+from ldm.models import ARCHITECTURES
+from ldm.models.dit import DIT_SIZES
+from ldm.models.inventory import forward_flops, inventory
+
+
+def dit_forward_macs(image_size: int, hidden_size: int, depth: int, patch_size: int, **_) -> int:
+    """Multiply-adds of one DiT forward pass, written out layer by layer (learn_sigma, 4-channel f=8 latent)."""
+    latent = image_size // 8
+    n = (latent // patch_size) ** 2
+    d, c_in, c_out = hidden_size, 4, 8
+    macs = n * c_in * patch_size**2 * d                    # patch embedding
+    macs += 256 * d + d * d                                # timestep MLP
+    per_block = d * 6 * d                                  # adaLN regressor (once per image)
+    per_block += n * d * 3 * d + 2 * n * n * d + n * d * d  # qkv, QK^T and AV, output projection
+    per_block += 2 * n * d * 4 * d                         # MLP
+    macs += depth * per_block
+    macs += d * 2 * d + n * d * patch_size**2 * c_out       # final adaLN + linear
+    return macs
+
+
+@pytest.mark.parametrize("size", ["S/2", "XL/2"])
+@pytest.mark.parametrize("image_size", [256, 512])
+def test_dit_flops_equal_closed_form(size, image_size):
+    assert forward_flops("dit", size, image_size) == 2 * dit_forward_macs(image_size, **DIT_SIZES[size])
+
+
+def test_dit_xl2_matches_published_figures():
+    # DiT paper (Peebles & Xie 2023), Table 4: DiT-XL/2 675M params, 118.6 Gflops (multiply-adds) at 256 px
+    (row,) = inventory(["dit"], ["XL/2"])
+    assert row["published"]
+    assert row["params"] == pytest.approx(675e6, rel=0.01)
+    assert row["fwd_gflops_256"] == pytest.approx(237.0, rel=0.02)
+    assert row["fwd_gflops_512"] == pytest.approx(1049.0, rel=0.02)  # PAPER.md (sizes and costs)
+
+
+def test_models_json_lists_every_architecture_and_size(capsys):
+    assert main(["models", "--json", "--size", "tiny"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["arch"] for r in rows} == {a for a, (_, sizes) in ARCHITECTURES.items() if "tiny" in sizes}
+    for row in rows:
+        assert set(row) >= {"arch", "size", "params", "fwd_gflops_256", "fwd_gflops_512"}
+        assert row["params"] > 0 and 0 < row["fwd_gflops_256"] < row["fwd_gflops_512"]
