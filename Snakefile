@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from ldm.config import ConfigError, data_section, digest, eval_section, expand_runs, merge, run_section, validate
+from ldm.config import (ConfigError, data_section, digest, eval_section, expand_runs, job_resources, launcher, merge,
+                        run_section, validate)
 
 # No `configfile:` directive: Snakemake would deep-merge it under a --configfile, leaking the default's
 # recipes into every other scenario. Without --configfile the embedded default is used (plus --config).
@@ -36,6 +37,27 @@ _text = json.dumps(CFG, indent=2, sort_keys=True)
 if not CONFIG_JSON.exists() or CONFIG_JSON.read_text() != _text:
     CONFIG_JSON.parent.mkdir(parents=True, exist_ok=True)
     CONFIG_JSON.write_text(_text)
+
+
+def slurm_resources(rule, run=None):
+    """Snakemake resources of a job from the config (`resources.default` < `resources.<rule>` < stage);
+    the SLURM executor maps them to sbatch options, a local `--cores` run only uses them for scheduling."""
+    res = job_resources(CFG, rule, run)
+    out = {"runtime": res["runtime"], "mem_mb": res["mem_mb"], "cpus_per_task": res["cpus"],
+           "nodes": res["nodes"], "gpu": res["gpus"]}
+    out.update({k: res[k] for k in ("gpu_model", "slurm_partition", "slurm_extra") if k in res})
+    return out
+
+
+def rule_resources(rule):
+    """`resources:` keywords for a rule whose jobs all share one setting."""
+    return slurm_resources(rule)
+
+
+def run_resources(key):
+    """One resource of a training run, as a per-job callable (stages differ)."""
+    return lambda wildcards: slurm_resources("train", wildcards.run)[key]
+
 
 wildcard_constraints:
     run="|".join(r.replace(".", r"\.") for r in RUNS),

@@ -20,6 +20,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 #: Values a config may leave out. Documented in config/default.yaml; "assumed" where the paper is silent.
 DEFAULTS: dict = {
     "threads": 1,
+    # Cluster resources per rule; a laptop run ignores them (assumed values for the paper scale live in
+    # config/paper.yaml). runtime in minutes.
+    "resources": {"default": {"gpus": 0, "nodes": 1, "cpus": 1, "mem_mb": 4000, "runtime": 60}},
     "dataset": {"synthetic": {"num_images": 1000, "corrupt": 0}},
     "autoencoder": {"pretrained": None, "steps": 600, "batch_size": 32, "lr": 1e-3},
     "text_encoder": "minilm",
@@ -139,6 +142,30 @@ def sampler_for(config: dict, recipe: str) -> str:
     return sampler
 
 
+def job_resources(config: dict, rule: str, run_id: str | None = None) -> dict:
+    """A job's resources: `resources.default`, then `resources.<rule>`, then (train) the stage's own."""
+    res = config["resources"]
+    out = merge(res.get("default", {}), res.get(rule, {}))
+    if run_id is not None and rule == "train":
+        out = merge(out, config["stages"][get_run(config, run_id).stage].get("resources", {}))
+    return out
+
+
+def launcher(resources: dict, python: str) -> str:
+    """How a training job starts its processes: one process, torchrun on one node, or srun + torchrun.
+
+    Multi-node: srun starts one torchrun per node; the rendezvous host is the job's first node (expanded
+    in the batch script before srun runs)."""
+    gpus, nodes = int(resources.get("gpus", 0)), int(resources.get("nodes", 1))
+    if nodes > 1:
+        head = "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 {python} -m torch.distributed.run --nnodes {nodes}"
+                f" --nproc_per_node {max(gpus, 1)} --rdzv_backend c10d --rdzv_endpoint {head}:29500")
+    if gpus > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return python
+
+
 def load_config(path: str | Path) -> dict:
     """Read and validate a YAML/JSON config file."""
     path = Path(path)
@@ -223,7 +250,8 @@ def run_section(config: dict, run_id: str) -> dict:
     section = {
         "data": data_section(config),
         "recipe": config["recipes"][run.recipe],
-        "stage": config["stages"][run.stage],
+        # resources change where a run executes, not its weights
+        "stage": {k: v for k, v in config["stages"][run.stage].items() if k != "resources"},
         "training": config["training"],
         "run_id": run_id,
     }

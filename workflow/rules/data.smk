@@ -38,6 +38,8 @@ rule prepare:
         crop=lambda w: next(
             (s["crop"] for s in CFG["stages"].values() if CFG["resolutions"][s["resolution"]] == int(w.res)),
             "center"),
+    resources:
+        **rule_resources("prepare"),
     log:
         f"{W}/logs/prepare.r{{res}}.log",
     shell:
@@ -55,6 +57,8 @@ if not CFG["autoencoder"]["pretrained"]:
         params:
             h=digest(data_section(CFG)),
         threads: CFG["threads"]
+        resources:
+            **rule_resources("train_vae"),
         log:
             f"{W}/logs/train_vae.log",
         shell:
@@ -72,6 +76,8 @@ rule encode:
         vae=vae_path(),
         text=CFG["text_encoder"] or "none",
     threads: CFG["threads"]
+    resources:
+        **rule_resources("encode"),
     log:
         f"{W}/logs/encode.r{{res}}.log",
     shell:

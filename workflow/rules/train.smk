@@ -15,8 +15,18 @@ rule train:
         f"{W}/runs/{{run}}/final.safetensors",
     params:
         h=lambda w: digest(run_section(CFG, w.run)),
+        launch=lambda w: launcher(job_resources(CFG, "train", w.run), sys.executable),
     threads: CFG["threads"]
+    resources:
+        runtime=run_resources("runtime"),
+        mem_mb=run_resources("mem_mb"),
+        cpus_per_task=run_resources("cpus_per_task"),
+        nodes=run_resources("nodes"),
+        gpu=run_resources("gpu"),
+        slurm_extra=lambda w: slurm_resources("train", w.run).get("slurm_extra", ""),
     log:
         f"{W}/logs/train/{{run}}.log",
     shell:
-        "{LDM} train --config {CONFIG_JSON} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        # one process, or torchrun (multi-GPU) / srun + torchrun (multi-node) per the stage's resources
+        "{params.launch} -m ldm.cli train --config {CONFIG_JSON} --run {wildcards.run} --threads {threads}"
+        " > {log} 2>&1"
