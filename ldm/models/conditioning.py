@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layers import timestep_embedding
+from .layers import CaptionEmbedder, timestep_embedding
 
 __all__ = [
     "TIME_SCALE",
@@ -35,6 +35,9 @@ __all__ = [
     "control_weight",
     "ControlEmbedder",
     "drop_conditions",
+    "SEMANTIC_MODES",
+    "resolve_semantic",
+    "semantic_condition",
 ]
 
 TIME_SCALE = 999.0
@@ -144,3 +147,46 @@ def drop_conditions(
     labels = torch.where(u[0] < class_dropout_prob, torch.full_like(class_labels, num_classes), class_labels)
     control_keep = (u[1] >= control_dropout_prob).float()
     return labels, control_keep
+
+
+SEMANTIC_MODES = ("adaln", "attention")
+
+
+def resolve_semantic(semantic: str | None, default: str, text_dim: int | None, arch: str) -> str:
+    """The semantic mode a model is built with: ``None`` takes the architecture's own ``default``.
+
+    Text conditioning needs tokens to attend to, so text-conditional models must use "attention".
+    """
+    semantic = default if semantic is None else semantic
+    if semantic not in SEMANTIC_MODES:
+        raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
+    if text_dim is not None and semantic != "attention":
+        raise ValueError(f"text-conditional {arch} (text_dim={text_dim}) needs semantic='attention', got {semantic!r}")
+    return semantic
+
+
+def semantic_condition(
+    y_embedder: nn.Module,
+    semantic: str,
+    class_labels: torch.Tensor | None,
+    text: torch.Tensor | None,
+    text_mask: torch.Tensor | None,
+    text_keep: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Semantic inputs -> (vector added to the adaLN conditioning or None, attention tokens or None, token mask).
+
+    ``y_embedder`` is a ``layers.LabelEmbedder`` (class-conditional) or ``layers.CaptionEmbedder`` (text).
+    semantic="adaln": the class embedding joins the timestep embedding (DiT); "attention": it is one token for
+    cross-attention and the adaLN path never sees it (the paper's disentangled semantic path).
+    """
+    if isinstance(y_embedder, CaptionEmbedder):
+        if text is None:
+            raise ValueError("this model is text-conditional (text_dim set) and needs text=(B, L, text_dim)")
+        tokens, mask = y_embedder(text, text_mask, text_keep)
+        return None, tokens, mask
+    if class_labels is None:
+        raise ValueError("this model is class-conditional (text_dim=None) and needs class_labels")
+    emb = y_embedder(class_labels)
+    if semantic == "adaln":
+        return emb, None, None
+    return None, emb.unsqueeze(1), None

@@ -11,7 +11,11 @@ Differences from the reference, on purpose:
 - optional control-metadata embedding (additive or time-scheduled), optional QK-norm;
 - the positional embedding takes ``pos_embed_base`` (see ``layers.sincos_2d``) for resolution transfer;
 - inputs whose latent size differs from the configured one get an embedding at the same coordinate
-  spacing as the configured grid, instead of an error.
+  spacing as the configured grid, instead of an error;
+- ``semantic="attention"`` (the paper's disentangled semantic path): the class embedding (or the projected
+  caption tokens when ``text_dim`` is set) enters through a cross-attention layer in every block, placed as in
+  PixArt (after self-attention, no norm, no gate, zero-initialised output), and c no longer depends on it.
+  ``semantic="adaln"`` (default) is the reference DiT and is unchanged.
 """
 from __future__ import annotations
 
@@ -19,8 +23,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .conditioning import ControlEmbedder
-from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
+from .conditioning import ControlEmbedder, resolve_semantic, semantic_condition
+from .layers import (
+    Attention,
+    CaptionEmbedder,
+    CrossAttention,
+    GridPosEmbed,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    unpatchify,
+)
 
 __all__ = ["DiT", "DIT_SIZES"]
 
@@ -35,19 +50,27 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block; adaLN-Zero modulation of both branches from the conditioning c."""
+    """Pre-norm transformer block; adaLN-Zero modulation of both branches from the conditioning c, and with
+    ``cross=True`` a cross-attention to the semantic tokens between them (semantic="attention")."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, cross: bool = False
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if cross else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, context, mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -66,8 +89,9 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
-    """Class-conditional DiT on latents (B, C, H, W); ``config`` rebuilds it via ``model_from_config``."""
+class DiT(GridPosEmbed, nn.Module):
+    """DiT on latents (B, C, H, W), class- or (semantic="attention") text-conditional; ``config`` rebuilds it
+    via ``model_from_config``."""
 
     arch = "dit"
 
@@ -77,6 +101,9 @@ class DiT(nn.Module):
         latent_size: int = 32,
         in_channels: int = 4,
         num_classes: int = 1000,
+        text_dim: int | None = None,
+        semantic: str | None = None,
+        null_caption_tokens: int = 1,
         hidden_size: int = 1152,
         depth: int = 28,
         num_heads: int = 16,
@@ -95,6 +122,7 @@ class DiT(nn.Module):
         super().__init__()
         if latent_size % patch_size:
             raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
+        semantic = resolve_semantic(semantic, "adaln", text_dim, "DiT")
         # class_dropout_prob / control_dropout_prob are recipe values read by the training loop; kept in the
         # config so a checkpoint records how it was trained.
         self.config = dict(
@@ -102,6 +130,9 @@ class DiT(nn.Module):
             latent_size=latent_size,
             in_channels=in_channels,
             num_classes=num_classes,
+            text_dim=text_dim,
+            semantic=semantic,
+            null_caption_tokens=null_caption_tokens,
             hidden_size=hidden_size,
             depth=depth,
             num_heads=num_heads,
@@ -121,38 +152,30 @@ class DiT(nn.Module):
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
+        self.text_dim = text_dim
+        self.semantic = semantic
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.gradient_checkpointing = gradient_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.y_embedder = (
+            LabelEmbedder(num_classes, hidden_size)
+            if text_dim is None
+            else CaptionEmbedder(text_dim, hidden_size, null_caption_tokens)
+        )
         self.control_embedder = (
             ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
         )
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        cross = semantic == "attention"
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.grid_size = latent_size // patch_size
         self.register_buffer("pos_embed", self._pos_embed_for(self.grid_size, self.grid_size), persistent=False)
         self.initialize_weights()
-
-    # --- positional embedding -------------------------------------------------------------------------
-    def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
-        """Embedding for a gh x gw token grid at the configured coordinate spacing (base / grid)."""
-        base = self.config["pos_embed_base"]
-        if base is None:
-            return sincos_2d(self.hidden_size, (gh, gw)).unsqueeze(0)
-        if (gh, gw) == (self.grid_size, self.grid_size):
-            return sincos_2d(self.hidden_size, (gh, gw), float(base)).unsqueeze(0)
-        spacing = float(base) / self.grid_size
-        return sincos_2d(self.hidden_size, (gh, gw), (gh * spacing, gw * spacing)).unsqueeze(0)
-
-    def set_pos_embed_base(self, base: float | None) -> None:
-        """Re-evaluate the sin-cos embedding with a new coordinate range (resolution transfer)."""
-        self.config["pos_embed_base"] = base
-        device = self.pos_embed.device
-        self.pos_embed = self._pos_embed_for(self.grid_size, self.grid_size).to(device)
 
     # --- init -------------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -169,7 +192,11 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if isinstance(self.y_embedder, LabelEmbedder):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:  # PixArt's caption projection init
+            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.control_embedder is not None:
@@ -177,6 +204,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # PixArt: a fresh cross-attention adds nothing
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -187,26 +217,31 @@ class DiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        class_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
         control: torch.Tensor | None = None,
         control_keep: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) DDPM timestep as float 0..999, class_labels (B,) with num_classes = null,
-        control (B, 6) raw pixels or None (= dropped), control_keep (B,) 0/1. Returns (B, C or 2C, H, W)."""
+        """The model contract's forward (``ldm.models``): x (B, C, H, W), t (B,) float 0..999, class_labels (B,)
+        with num_classes = null, or text (B, L, text_dim) + text_mask/text_keep; control (B, 6) raw pixels or
+        None (= dropped), control_keep (B,) 0/1. Returns (B, C or 2C, H, W)."""
         B = x.shape[0]
-        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        pos = self.pos_embed if (gh, gw) == (self.grid_size, self.grid_size) else self._pos_embed_for(gh, gw)
-        h = self.x_embedder(x) + pos.to(device=x.device, dtype=x.dtype)
+        h, grid = self._embed_patches(x)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        c = self.t_embedder(t) + self.y_embedder(class_labels)
+        c = self.t_embedder(t)
+        y, context, mask = semantic_condition(self.y_embedder, self.semantic, class_labels, text, text_mask, text_keep)
+        if y is not None:
+            c = c + y
         if control is not None:
             if self.control_embedder is None:
                 raise ValueError("this DiT was built without control conditioning (control_mode=None) but got control")
             c = c + self.control_embedder(control, t, control_keep)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, use_reentrant=False)
+                h = checkpoint(block, h, c, context, mask, use_reentrant=False)
             else:
-                h = block(h, c)
+                h = block(h, c, context, mask)
         h = self.final_layer(h, c)
-        return unpatchify(h, (gh, gw), self.patch_size, self.out_channels)
+        return unpatchify(h, grid, self.patch_size, self.out_channels)

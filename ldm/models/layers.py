@@ -20,6 +20,9 @@ from torch import nn
 
 __all__ = [
     "Attention",
+    "CrossAttention",
+    "CaptionEmbedder",
+    "GridPosEmbed",
     "Mlp",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -29,6 +32,8 @@ __all__ = [
     "sincos_2d",
     "unpatchify",
     "modulate",
+    "masked_mean",
+    "key_mask",
 ]
 
 
@@ -53,41 +58,102 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return emb
 
 
+def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) bool key mask (True = attend) -> SDPA's boolean ``attn_mask`` (B, 1, 1, L).
+
+    An all-True mask is dropped (None) so SDPA may take its fused unmasked kernel.
+    """
+    if mask is None or bool(mask.all()):
+        return None
+    return mask[:, None, None, :]
+
+
+def _qk_norm(kind: bool | str, head_dim: int) -> nn.Module:
+    """QK-norm over the head dimension: True/"layer" = LayerNorm (ViT-22B/DiT variants), "rms" = RMSNorm with
+    a learned scale (SD3's choice), False = none."""
+    if kind is False or kind is None:
+        return nn.Identity()
+    if kind is True or kind == "layer":
+        return nn.LayerNorm(head_dim, eps=1e-6)
+    if kind == "rms":
+        return nn.RMSNorm(head_dim, eps=1e-6)
+    raise ValueError(f"unknown qk_norm {kind!r}; valid: False, True/'layer', 'rms'")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and optional QK-norm.
 
-    QK-norm (LayerNorm over the head dimension of q and k) bounds the attention logits; it is the usual
+    QK-norm (a norm over the head dimension of q and k) bounds the attention logits; it is the usual
     fix for loss spikes in large DiT/mmDiT runs (FIELD-NOTES). Off by default to stay DiT-faithful.
+    ``proj=False`` drops the output projection (SD3's ``pre_only`` context block in the last layer, whose
+    attention output is never used). ``qkv_heads`` is exposed so mmDiT can run joint attention over two
+    streams that each keep their own projections.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool | str = False,
+                 proj: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.q_norm = _qk_norm(qk_norm, self.head_dim)
+        self.k_norm = _qk_norm(qk_norm, self.head_dim)
+        self.proj = nn.Linear(dim, dim) if proj else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v each (B, heads, N, head_dim), QK-norm applied."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv_heads(x)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-class Mlp(nn.Module):
-    """Two-layer feed-forward block with tanh-approximated GELU (as DiT)."""
+class CrossAttention(nn.Module):
+    """Image tokens attend to condition tokens (PixArt's ``MultiHeadCrossAttention``: q_linear, kv_linear, proj).
 
-    def __init__(self, dim: int, hidden: int):
+    ``mask`` (B, L) bool marks the condition tokens to attend to (None = all); it goes to SDPA as a boolean
+    ``attn_mask``, so masked keys get exactly zero weight (PixArt/diffusers add a -10000 bias instead, which is
+    the same in fp32).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool | str = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.q_norm = _qk_norm(qk_norm, self.head_dim)
+        self.k_norm = _qk_norm(qk_norm, self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        q = self.q_linear(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_linear(context).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=key_mask(mask))
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward block with tanh-approximated GELU (as DiT; PixArt's caption projection too)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -188,3 +254,92 @@ def sincos_2d(
     rr, cc = torch.meshgrid(rows, cols, indexing="ij")
     emb = torch.cat([sincos_1d(embed_dim // 2, cc.reshape(-1)), sincos_1d(embed_dim // 2, rr.reshape(-1))], dim=1)
     return emb.to(torch.float32)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the token axis of (B, L, D) counting only mask-True positions (None = all).
+
+    A row with no True position averages nothing and returns zeros rather than NaN.
+    """
+    if mask is None:
+        return x.mean(dim=1)
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption token states (B, L, text_dim) -> condition tokens (B, L, hidden), with a learned null caption.
+
+    Follows PixArt's ``CaptionEmbedder``: the null caption ``y_embedding`` lives in the text encoder's space
+    (before the projection, so it is projected like a real caption) and replaces the caption of rows with
+    ``text_keep`` = 0. Dropped rows get an all-True mask, so their output depends on nothing the caption
+    carried (PixArt keeps the caption's own mask there, which leaks its length into the unconditional branch).
+    ``null_tokens`` is 1 by default (one learned token broadcast over L: the same attention result as L copies)
+    or L (PixArt checkpoints store 120 x 4096). ``projection``: "mlp" (PixArt: fc1, tanh-GELU, fc2) or "linear"
+    (SD3's ``context_embedder``).
+    """
+
+    def __init__(self, text_dim: int, hidden_size: int, null_tokens: int = 1, projection: str = "mlp"):
+        super().__init__()
+        if projection not in ("mlp", "linear"):
+            raise ValueError(f"unknown caption projection {projection!r}; valid: mlp, linear")
+        self.text_dim = text_dim
+        self.y_embedding = nn.Parameter(torch.randn(null_tokens, text_dim) / text_dim**0.5)
+        self.y_proj = Mlp(text_dim, hidden_size, hidden_size) if projection == "mlp" else nn.Linear(text_dim, hidden_size)
+
+    def with_null(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None, text_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Swap in the null caption where ``text_keep`` is 0; returns (states in text space, mask or None)."""
+        if text.ndim != 3 or text.shape[-1] != self.text_dim:
+            raise ValueError(f"text must be (B, L, {self.text_dim}), got {tuple(text.shape)}")
+        B, L, _ = text.shape
+        if text_mask is not None and text_mask.shape != (B, L):
+            raise ValueError(f"text_mask must be (B, L) = {(B, L)}, got {tuple(text_mask.shape)}")
+        if text_keep is None:
+            return text, text_mask
+        n = self.y_embedding.shape[0]
+        if n not in (1, L):
+            raise ValueError(f"null caption has {n} tokens; captions have {L} (needs 1 or {L})")
+        keep = text_keep.reshape(B).bool()
+        null = self.y_embedding.to(text.dtype).expand(L, -1)
+        text = torch.where(keep[:, None, None], text, null[None])
+        if text_mask is not None:
+            text_mask = text_mask | ~keep[:, None]
+        return text, text_mask
+
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None, text_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        text, text_mask = self.with_null(text, text_mask, text_keep)
+        return self.y_proj(text), text_mask
+
+
+class GridPosEmbed:
+    """Mixin for patch transformers with a fixed 2-D sin-cos positional embedding buffer ``pos_embed``.
+
+    Needs ``self.config["pos_embed_base"]``, ``self.grid_size`` and ``self.hidden_size``. Other grid sizes at
+    forward time get an embedding at the configured coordinate spacing (base / grid) instead of an error.
+    """
+
+    def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+        """Embedding for a gh x gw token grid at the configured coordinate spacing (base / grid)."""
+        base = self.config["pos_embed_base"]
+        if base is None:
+            return sincos_2d(self.hidden_size, (gh, gw)).unsqueeze(0)
+        if (gh, gw) == (self.grid_size, self.grid_size):
+            return sincos_2d(self.hidden_size, (gh, gw), float(base)).unsqueeze(0)
+        spacing = float(base) / self.grid_size
+        return sincos_2d(self.hidden_size, (gh, gw), (gh * spacing, gw * spacing)).unsqueeze(0)
+
+    def set_pos_embed_base(self, base: float | None) -> None:
+        """Re-evaluate the sin-cos embedding with a new coordinate range (resolution transfer)."""
+        self.config["pos_embed_base"] = base
+        device = self.pos_embed.device
+        self.pos_embed = self._pos_embed_for(self.grid_size, self.grid_size).to(device)
+
+    def _embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Latents (B, C, H, W) -> tokens with positional embedding added, and the token grid (gh, gw)."""
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        pos = self.pos_embed if (gh, gw) == (self.grid_size, self.grid_size) else self._pos_embed_for(gh, gw)
+        return self.x_embedder(x) + pos.to(device=x.device, dtype=x.dtype), (gh, gw)
