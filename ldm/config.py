@@ -113,6 +113,10 @@ def validate(config: dict, source: str = "config") -> dict:
         if init == name:
             raise ConfigError(f"{source}: stages.{name}.init: a stage cannot initialise from itself")
     for name, recipe in full["recipes"].items():
+        unknown = [s for s in recipe.get("stages", []) if s not in full["stages"]]
+        if unknown:
+            raise ConfigError(f"{source}: recipes.{name}.stages: unknown stage(s) {unknown}; "
+                              f"defined: {', '.join(full['stages'])}")
         family = FLOW_SAMPLERS if recipe["objective"] == "rectified_flow" else DDPM_SAMPLERS
         sampler = sampler_for(full, name)
         if sampler not in family:
@@ -185,8 +189,9 @@ def expand_runs(config: dict) -> list[Run]:
     dataset = config["dataset"]["name"]
     runs = []
     order = _stage_order(config["stages"])
-    for recipe in config["recipes"]:
-        for stage in order:
+    for recipe, spec_ in config["recipes"].items():
+        wanted = _with_inits(config["stages"], spec_.get("stages") or order)
+        for stage in (s for s in order if s in wanted):
             spec = config["stages"][stage]
             px = config["resolutions"][spec["resolution"]]
             init = spec.get("init")
@@ -196,6 +201,16 @@ def expand_runs(config: dict) -> list[Run]:
                 init_run = f"{recipe}.{dataset}.{init}.{init_px}"
             runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run))
     return runs
+
+
+def _with_inits(stages: dict, names) -> set[str]:
+    """The named stages plus every stage they initialise from (a transfer needs its pre-training)."""
+    out: set[str] = set()
+    for name in names:
+        while name and name not in out:
+            out.add(name)
+            name = stages[name].get("init")
+    return out
 
 
 def _stage_order(stages: dict) -> list[str]:

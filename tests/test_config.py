@@ -85,3 +85,31 @@ def test_config_typo_fails_before_any_job(tmp_path):
     assert out.returncode != 0
     assert f"{path}: sampling.guidnace: unknown key" in out.stdout + out.stderr
     assert not (tmp_path / "work").exists()  # nothing was scheduled, nothing written
+
+
+def test_recipe_stage_subset_keeps_its_init_chain():
+    raw = default_raw()
+    raw["recipes"]["pe_extrapolate"] = {"arch": "dit", "size": "tiny", "objective": "rectified_flow",
+                                        "stages": ["transfer"]}
+    runs = [r.run_id for r in expand_runs(validate(raw))]
+    assert runs[-2:] == ["pe_extrapolate.synthetic.pretrain.32", "pe_extrapolate.synthetic.transfer.64"]
+    raw["recipes"]["pe_extrapolate"]["stages"] = ["finetune"]
+    with pytest.raises(ConfigError, match=r"recipes\.pe_extrapolate\.stages: unknown stage"):
+        validate(raw)
+
+
+def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
+    from ldm.config import job_resources, launcher
+
+    raw = default_raw()
+    before = digest(run_section(validate(raw), "dit.synthetic.transfer.64"))
+    raw["stages"]["transfer"]["resources"] = {"gpus": 8, "runtime": 600}
+    raw["resources"] = {"default": {"mem_mb": 1000}, "train": {"gpus": 1}}
+    config = validate(raw)
+    assert digest(run_section(config, "dit.synthetic.transfer.64")) == before
+    res = job_resources(config, "train", "dit.synthetic.transfer.64")
+    assert (res["gpus"], res["runtime"], res["mem_mb"]) == (8, 600, 1000)
+    assert job_resources(config, "train", "dit.synthetic.pretrain.32")["gpus"] == 1
+    assert launcher(res, "py") == "py -m torch.distributed.run --standalone --nproc_per_node 8"
+    assert launcher({"gpus": 1}, "py") == "py"
+    assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 py -m torch.distributed.run --nnodes 2")
