@@ -297,6 +297,70 @@ class LatentDataset(torch.utils.data.Dataset):
         return {**out, **self._factors()}
 
 
+def _seed(*parts) -> int:
+    """A 63-bit generator seed from any tuple of ints/strings (independent streams per tuple)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class ShardShuffledLatents(torch.utils.data.IterableDataset):
+    """Shuffled one-pass-per-epoch reader of a latent cache that touches each shard once per epoch.
+
+    Why: `LatentDataset` under a fully random sampler jumps between shards on almost every item, and
+    loading a shard costs far more than reading a row, so random access over a cache larger than memory
+    thrashes. Here each epoch (1) permutes the shard order with a generator seeded by (seed, epoch),
+    (2) deals the permuted shards round-robin to the `world_size` ranks and each rank's share
+    round-robin to its DataLoader workers (each worker reads only its own shards; no row is read twice
+    in an epoch), and (3) walks its shards in consecutive windows of `window` shards, loading a window
+    at once and yielding its rows in a random permutation. So rows are shuffled globally at the shard level and locally within a window:
+    two rows meet in the same stretch of the stream only if their shards share a window. Memory held is
+    about `window` shards per worker; `window` >= shards per worker gives a full shuffle of each
+    worker's rows. Items are the same dicts as `LatentDataset[i]`.
+
+    Epochs: `set_epoch(e)` picks epoch e for the next iteration; without it each new iteration of the
+    same object advances the epoch by one. DataLoader workers hold copies, so with
+    `persistent_workers=True` the copies advance on their own (0, 1, 2, ... as with set_epoch called
+    in order), and without persistent workers call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, dir: Path, window: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 verify: bool = True):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.base = LatentDataset(dir, verify=verify)
+        self.window, self.seed, self.rank, self.world_size = int(window), int(seed), int(rank), int(world_size)
+        self.epoch, self._iters = 0, 0
+        self._factors = self.base._factors()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self._iters = int(epoch), 0
+
+    def shard_order(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """Shards read by (this rank, `worker`) in `epoch`, in reading order: the epoch's permutation
+        dealt round-robin to ranks, then this rank's share dealt round-robin to its workers."""
+        g = torch.Generator().manual_seed(_seed("shards", self.seed, epoch))
+        order = torch.randperm(len(self.base.shards), generator=g).tolist()
+        return order[self.rank::self.world_size][worker::num_workers]
+
+    def __iter__(self):
+        from safetensors.torch import load_file
+
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch + self._iters
+        self._iters += 1
+        shards = self.shard_order(epoch, worker, num_workers)
+        g = torch.Generator().manual_seed(_seed("rows", self.seed, epoch, self.rank, worker))
+        for a in range(0, len(shards), self.window):
+            parts = [load_file(str(self.base.dir / self.base.shards[k]["file"])) for k in shards[a:a + self.window]]
+            data = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+                    for name in parts[0]}
+            del parts
+            for i in torch.randperm(len(data["label"]), generator=g).tolist():
+                yield {**{name: t[i] for name, t in data.items()}, **self._factors}
+
+
 def sample_latents(batch: dict, generator: torch.Generator, flip_prob: float = 0.5,
                    scaling_factor: float | None = None, shift_factor: float | None = None):
     """Draw training latents from cached posteriors: per row, choose the mirrored posterior with

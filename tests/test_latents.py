@@ -16,7 +16,8 @@ import torch
 
 from ldm.autoencoder import (MissingWeightsError, load_vae, tiny_vae_config, train_tiny_vae,
                              vae_identity)
-from ldm.latents import CorruptShardError, LatentDataset, encode_latents, sample_latents
+from ldm.latents import (CorruptShardError, LatentDataset, ShardShuffledLatents, encode_latents,
+                         sample_latents)
 from ldm.text import load_text_encoder, minilm_path, pad_tokens
 
 # The smallest AutoencoderKL with factor-4 downsampling: keeps every test on one thread fast.
@@ -353,3 +354,52 @@ def test_corrupt_shard_is_named(cache, tmp_path):
     os.remove(c / "shard-00000.safetensors")
     with pytest.raises(CorruptShardError, match="shard-00000.safetensors"):
         LatentDataset(c)
+
+
+def _row_ids(items) -> list[int]:
+    """Prepared row index of each item or batch (write_prepared sets orig_h = 40 + row)."""
+    return [int(h) - 40 for it in items for h in it["control"].reshape(-1, 6)[:, 0].tolist()]
+
+
+def test_shard_shuffled_reader_epochs_windows_workers(cache):
+    ds = ShardShuffledLatents(cache["a"], window=1, seed=3)
+    ref = LatentDataset(cache["a"])
+    shard_rows = [[0, 1, 2], [3, 4, 5], [6]]
+    orders = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        items = list(ds)
+        ids = _row_ids(items)
+        assert sorted(ids) == list(range(7))  # every row exactly once per epoch
+        # window 1: each shard's rows come out contiguously, shards in the epoch's shard order
+        assert [sorted(ids[a:a + len(shard_rows[k])]) for a, k in
+                zip(np.cumsum([0] + [len(shard_rows[k]) for k in ds.shard_order(epoch)]), ds.shard_order(epoch))] \
+            == [shard_rows[k] for k in ds.shard_order(epoch)]
+        for it, i in zip(items, ids):
+            assert all(torch.equal(it[k], ref[i][k]) for k in ref[i])
+        orders.append(ids)
+    assert len({tuple(o) for o in orders}) > 1 and len({tuple(ds.shard_order(e)) for e in range(6)}) > 1
+    ds.set_epoch(2)
+    assert _row_ids(ds) == orders[2]  # an epoch is reproducible from (seed, epoch)
+    assert _row_ids(ds) == orders[3]  # without set_epoch, the next iteration is the next epoch
+    # A window covering all shards shuffles rows across shards.
+    wide = ShardShuffledLatents(cache["a"], window=3, seed=3)
+    mixed = []
+    for epoch in range(4):
+        wide.set_epoch(epoch)
+        mixed.append(_row_ids(wide))
+    assert all(sorted(m) == list(range(7)) for m in mixed)
+    assert any(sorted(m[:3]) not in shard_rows for m in mixed)
+
+    # Ranks split the shards, and each rank's workers split its share: disjoint, complete.
+    seen = []
+    for rank in range(2):
+        r = ShardShuffledLatents(cache["a"], window=2, seed=3, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(r, batch_size=2, num_workers=2, persistent_workers=True)
+        epochs = [_row_ids(loader) for _ in range(2)]
+        assert sorted(epochs[0]) == sorted({i for k in r.shard_order(0) for i in shard_rows[k]})
+        assert sorted(epochs[1]) == sorted({i for k in r.shard_order(1) for i in shard_rows[k]})
+        seen.append(epochs[0])
+    assert sorted(seen[0] + seen[1]) == list(range(7))
+    with pytest.raises(ValueError, match="rank"):
+        ShardShuffledLatents(cache["a"], rank=2, world_size=2)
