@@ -10,7 +10,10 @@ differs, and it is a non-persistent buffer recomputed from the config, so nothin
   coordinates never seen in training (``pos_embed_base=None`` when the low model had the default spacing).
 
 The high-res model's ``config`` is updated, so saving it and rebuilding with ``model_from_config`` gives
-the same embedding. Learned positional embeddings (bicubic resize) belong to architectures that have them.
+the same embedding. Architectures with grid-shaped learned tables (mDT's learned positional residuals and
+relative-position biases) resample them in their own ``adapt_low_res_state(state, low_config)``, called
+after the new base is set. A model without ``set_pos_embed_base`` (the UNet: no positional embedding) just
+gets every weight copied; ``pos_embed`` is then ignored.
 """
 from __future__ import annotations
 
@@ -41,20 +44,23 @@ def transfer_state(
     if low_config.get("arch") != high_config.get("arch"):
         raise ValueError(f"cannot transfer arch {low_config.get('arch')!r} into {high_config.get('arch')!r}")
 
-    low_grid = _grid(low_config)
-    low_base = low_config.get("pos_embed_base")
-    low_range = float(low_grid if low_base is None else low_base)
-    if pos_embed == "interpolate":
-        base = low_range
-    else:
-        spacing = low_range / low_grid
-        base = None if spacing == 1.0 else _grid(high_config) * spacing
-    if base is not None and base == _grid(high_config):
-        base = None  # same range as the plain grid: keep the config canonical
-    high_model.set_pos_embed_base(base)
+    if hasattr(high_model, "set_pos_embed_base"):
+        low_grid = _grid(low_config)
+        low_base = low_config.get("pos_embed_base")
+        low_range = float(low_grid if low_base is None else low_base)
+        if pos_embed == "interpolate":
+            base = low_range
+        else:
+            spacing = low_range / low_grid
+            base = None if spacing == 1.0 else _grid(high_config) * spacing
+        if base is not None and base == _grid(high_config):
+            base = None  # same range as the plain grid: keep the config canonical
+        high_model.set_pos_embed_base(base)
 
     target = high_model.state_dict()
     source = {k: v for k, v in low_res_state.items() if k not in _RECOMPUTED}
+    if hasattr(high_model, "adapt_low_res_state"):
+        source = high_model.adapt_low_res_state(source, low_config)
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
     if missing or unexpected:

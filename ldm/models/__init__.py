@@ -27,12 +27,16 @@ from typing import Any
 from torch import nn
 
 from .dit import DIT_SIZES, DiT
+from .mdt import MDT, MDT_SIZES
+from .unet import UNET_SIZES, LDMUNet
 
 __all__ = ["build_model", "model_from_config", "ARCHITECTURES"]
 
 # arch -> (class, {size name -> preset kwargs})
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, dict[str, Any]]]] = {
     "dit": (DiT, DIT_SIZES),
+    "mdt": (MDT, MDT_SIZES),
+    "unet": (LDMUNet, UNET_SIZES),
 }
 
 

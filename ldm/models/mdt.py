@@ -1,0 +1,487 @@
+"""mDT-v2: Masked Diffusion Transformer v2 (Gao et al. 2023, arXiv 2303.14389), after sail-sg/MDT ``models.py``.
+
+Structure of the reference ``MDTv2`` (kept): DiT adaLN-Zero blocks in three groups,
+
+- ``en_inblocks`` (``(depth - decode_layers) // 2``) and ``en_outblocks`` (same count) form the encoder,
+  U-ViT style: every out-block first fuses the output of its mirrored in-block with ``skip_linear`` over
+  the concatenation (the v2 "long shortcuts");
+- ``de_blocks`` (``decode_layers``) form the decoder; each fuses the *full* embedded input (before any
+  masking, v2's "dense input shortcuts") through its own ``skip_linear``;
+- one side-interpolator block (``sideblocks``): during masked training the encoder sees only the kept
+  tokens; the side block runs on the full grid with a learned ``mask_token`` in the dropped places and its
+  output replaces only those places (kept tokens pass through unchanged).
+
+Every self-attention adds a learned BEiT relative-position bias (one table per block), and the encoder and
+decoder each add their own learnable positional embedding initialised to 2-D sin-cos. Here the learnable
+embedding is written as ``sincos(pos_embed_base) + delta`` with a zero-initialised ``delta`` parameter:
+the same function class and the same initial value as the reference, but the sin-cos part can be
+re-evaluated for resolution transfer like DiT's (``set_pos_embed_base``), and the learned tables
+(``pos_delta``, ``decoder_pos_delta``, every ``rel_pos_bias.table``) are resampled on the coordinates the
+new grid maps to in the old one (``adapt_low_res_state``, called by ``transfer.transfer_state``; bicubic,
+clamped at the border, exact wherever a new token lands on an old one).
+
+Masked training contract (the objective is written against this): ``config["mask_ratio"]`` (default 0.3,
+MDT's) and ``config["mask_ratio_jitter"]`` (default 0.2: MDT draws the batch's ratio uniformly in
+``[mask_ratio, mask_ratio + 0.2]``). ``forward(..., mask_generator=g)`` with ``mask_ratio > 0`` drops
+``int(N * (1 - ratio))``-complement tokens per sample, drawn from ``g`` only (never the global RNG);
+without a generator the full sequence is used (sampling). MDT trains with ``loss_full + loss_masked``:
+the objective adds a second pass with ``mask_generator=generator`` whenever
+``model.config.get("mask_ratio", 0) > 0``, both losses over all output tokens (as ``train_util.py``).
+
+Differences from the reference, on purpose: null class row always present and dropout done by the caller;
+optional control metadata (``conditioning.ControlEmbedder`` added to c), QK-norm, text conditioning, and
+``semantic="attention"`` (class embedding or projected caption as cross-attention context in every block,
+adaLN then sees only time + control); the 3 unused BEiT class-token rows of each relative-position table
+are dropped (3 x heads params per block); inputs must have the configured grid (the learned tables are
+grid-shaped).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .conditioning import ControlEmbedder
+from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
+
+__all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table"]
+
+SEMANTIC_MODES = ("adaln", "attention")
+
+# decode_layers: 6 for S/2 and 4 for XL/2 as in sail-sg/MDT run.sh / README; B/2 (6) and L/2 (4) assumed.
+MDT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2, decode_layers=2),
+    "small": dict(hidden_size=256, depth=8, num_heads=4, patch_size=2, decode_layers=2),
+    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2, decode_layers=6),
+    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2, decode_layers=6),
+    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2, decode_layers=4),
+    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2, decode_layers=4),
+}
+
+
+def resample_grid_table(table: torch.Tensor, coords_h: torch.Tensor, coords_w: torch.Tensor) -> torch.Tensor:
+    """Sample a learned table (H, W, C) at fractional indices (rows ``coords_h``, cols ``coords_w``).
+
+    Bicubic, clamped to the table's border (offsets beyond the trained range take the edge value). With
+    integer indices it returns the stored entries (up to float rounding), so a transfer that lands on old
+    positions changes nothing there.
+    """
+    H, W, C = table.shape
+    src = table.permute(2, 0, 1).unsqueeze(0).float()
+    gy = coords_h.double().clamp(0, H - 1) * 2 / max(H - 1, 1) - 1
+    gx = coords_w.double().clamp(0, W - 1) * 2 / max(W - 1, 1) - 1
+    yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+    grid = torch.stack([xx, yy], dim=-1).unsqueeze(0).float()
+    out = F.grid_sample(src, grid, mode="bicubic", padding_mode="border", align_corners=True)
+    return out[0].permute(1, 2, 0).to(table.dtype)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT relative-position bias: a learned (2g-1)^2 x heads table indexed by the (dy, dx) token offset."""
+
+    def __init__(self, grid: int, num_heads: int):
+        super().__init__()
+        self.grid = grid
+        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2, num_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        rel = coords[:, :, None] - coords[:, None, :] + (grid - 1)  # (2, N, N) offsets shifted to >= 0
+        self.register_buffer("index", rel[0] * (2 * grid - 1) + rel[1], persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        """(heads, N, N) bias."""
+        N = self.grid * self.grid
+        return self.table[self.index.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an additive relative-position bias (restricted to kept tokens)."""
+
+    def __init__(self, dim: int, num_heads: int, grid: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = self.rel_pos_bias().unsqueeze(0)  # (1, H, Nfull, Nfull)
+        if ids_keep is not None:
+            H, Nf = bias.shape[1], bias.shape[-1]
+            rows = ids_keep[:, None, :, None].expand(B, H, N, Nf)
+            bias = torch.gather(bias.expand(B, H, Nf, Nf), 2, rows)
+            bias = torch.gather(bias, 3, ids_keep[:, None, None, :].expand(B, H, N, N))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the tokens, keys/values from a context (class token or caption); optional key mask."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MDTBlock(nn.Module):
+    """DiT adaLN-Zero block with relative-position self-attention, optional skip fusion and cross-attention."""
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float, qk_norm: bool, skip: bool, cross: bool
+    ):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads, grid, qk_norm)
+        if cross:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, hidden_size, num_heads, qk_norm)
+        else:
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        skip: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map of each token to its p*p*C output patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MDT(nn.Module):
+    """MDTv2 on latents (B, C, H, W), class- or text-conditional; ``config`` rebuilds it."""
+
+    arch = "mdt"
+
+    def __init__(
+        self,
+        *,
+        latent_size: int = 32,
+        in_channels: int = 4,
+        num_classes: int = 1000,
+        text_dim: int | None = None,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        patch_size: int = 2,
+        decode_layers: int = 4,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.3,
+        mask_ratio_jitter: float = 0.2,
+        learn_sigma: bool = True,
+        qk_norm: bool = False,
+        semantic: str | None = None,
+        class_dropout_prob: float = 0.1,
+        control_mode: str | None = None,
+        control_exponents: dict[str, float] | None = None,
+        control_offsets: dict[str, float] | None = None,
+        control_dropout_prob: float = 0.1,
+        pos_embed_base: float | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if latent_size % patch_size:
+            raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
+        semantic = semantic or "adaln"
+        if semantic not in SEMANTIC_MODES:
+            raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
+        if not 0 <= decode_layers <= depth or (depth - decode_layers) % 2:
+            raise ValueError(f"depth - decode_layers must be even and >= 0, got {depth} - {decode_layers}")
+        if mask_ratio < 0 or mask_ratio_jitter < 0 or mask_ratio + mask_ratio_jitter >= 1.0:
+            raise ValueError(f"need 0 <= mask_ratio, jitter and mask_ratio + jitter < 1, got {mask_ratio}, {mask_ratio_jitter}")
+        self.config = dict(
+            arch=self.arch, latent_size=latent_size, in_channels=in_channels, num_classes=num_classes,
+            text_dim=text_dim, hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
+            decode_layers=decode_layers, mlp_ratio=mlp_ratio, mask_ratio=mask_ratio,
+            mask_ratio_jitter=mask_ratio_jitter, learn_sigma=learn_sigma, qk_norm=qk_norm, semantic=semantic,
+            class_dropout_prob=class_dropout_prob, control_mode=control_mode,
+            control_exponents=dict(control_exponents) if control_exponents else None,
+            control_offsets=dict(control_offsets) if control_offsets else None,
+            control_dropout_prob=control_dropout_prob, pos_embed_base=pos_embed_base,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.latent_size = latent_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.text_dim = text_dim
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.semantic = semantic
+        self.gradient_checkpointing = gradient_checkpointing
+        self.grid_size = g = latent_size // patch_size
+        cross = semantic == "attention"
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if text_dim is None:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        else:
+            # caption tokens -> hidden (PixArt's caption projection); a learned null token replaces dropped captions
+            self.text_embedder = nn.Sequential(
+                nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+            )
+            self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+        self.control_embedder = (
+            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
+        )
+        half = (depth - decode_layers) // 2
+
+        def block(skip: bool) -> MDTBlock:
+            return MDTBlock(hidden_size, num_heads, g, mlp_ratio, qk_norm, skip, cross)
+
+        self.en_inblocks = nn.ModuleList(block(False) for _ in range(half))
+        self.en_outblocks = nn.ModuleList(block(True) for _ in range(half))
+        self.de_blocks = nn.ModuleList(block(True) for _ in range(decode_layers))
+        self.sideblocks = nn.ModuleList([block(False)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_delta = nn.Parameter(torch.zeros(1, g * g, hidden_size))
+        self.decoder_pos_delta = nn.Parameter(torch.zeros(1, g * g, hidden_size))
+        self.register_buffer("pos_sincos", self._sincos(), persistent=False)
+        self.initialize_weights()
+
+    # --- positional embedding -------------------------------------------------------------------------
+    def _range(self) -> float:
+        base = self.config["pos_embed_base"]
+        return float(self.grid_size if base is None else base)
+
+    def _sincos(self) -> torch.Tensor:
+        base = self.config["pos_embed_base"]
+        return sincos_2d(self.hidden_size, self.grid_size, None if base is None else float(base)).unsqueeze(0)
+
+    def set_pos_embed_base(self, base: float | None) -> None:
+        """Re-evaluate the sin-cos part of both positional embeddings over a new coordinate range."""
+        self.config["pos_embed_base"] = base
+        self.pos_sincos = self._sincos().to(self.pos_sincos.device)
+
+    def adapt_low_res_state(self, state: dict[str, torch.Tensor], low_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Resample the grid-shaped learned tables of a low-res state onto this model's grid.
+
+        Call after ``set_pos_embed_base``: new token j sits at old-grid index ``j * spacing_new / spacing_old``
+        (spacing = range / grid), for absolute positions and for relative offsets alike.
+        """
+        g_low = low_config["latent_size"] // low_config["patch_size"]
+        g = self.grid_size
+        low_base = low_config.get("pos_embed_base")
+        ratio = (self._range() / g) / (float(g_low if low_base is None else low_base) / g_low)
+        if g_low == g and ratio == 1.0:
+            return dict(state)
+        out = dict(state)
+        for name, tensor in state.items():
+            if name.endswith("pos_delta"):
+                idx = torch.arange(g, dtype=torch.float64) * ratio
+                table = resample_grid_table(tensor[0].reshape(g_low, g_low, -1), idx, idx)
+                out[name] = table.reshape(1, g * g, -1)
+            elif name.endswith("rel_pos_bias.table"):
+                idx = torch.arange(-(g - 1), g, dtype=torch.float64) * ratio + (g_low - 1)
+                table = resample_grid_table(tensor.reshape(2 * g_low - 1, 2 * g_low - 1, -1), idx, idx)
+                out[name] = table.reshape((2 * g - 1) ** 2, -1)
+        return out
+
+    # --- init -------------------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """MDT/DiT init: xavier linears, zero adaLN regressors and output; N(0, .02) label table, timestep MLP,
+        mask token and relative-position tables (trunc-normal in the reference); cross-attention output
+        projections zero (PixArt) so every block starts as the identity."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.text_dim is None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        else:
+            nn.init.normal_(self.null_text, std=self.text_dim**-0.5)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize()
+        for block in self.all_blocks():
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.trunc_normal_(block.attn.rel_pos_bias.table, std=0.02)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.zeros_(self.pos_delta)
+        nn.init.zeros_(self.decoder_pos_delta)
+
+    def all_blocks(self) -> list[MDTBlock]:
+        return [*self.en_inblocks, *self.en_outblocks, *self.de_blocks, *self.sideblocks]
+
+    # --- masking ----------------------------------------------------------------------------------------
+    def draw_mask(self, B: int, N: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_keep (B, K), mask (B, N) with 1 = dropped) from ``generator`` only: one ratio per batch in
+        [mask_ratio, mask_ratio + jitter], then per-sample random order (MDT's ``random_masking``)."""
+        gdev = generator.device
+        ratio = self.config["mask_ratio"] + self.config["mask_ratio_jitter"] * torch.rand(
+            1, generator=generator, device=gdev
+        ).item()
+        keep = int(N * (1 - ratio))
+        noise = torch.rand(B, N, generator=generator, device=gdev).to(device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        mask = torch.ones(B, N, device=device)
+        mask.scatter_(1, ids_keep, 0.0)
+        return ids_keep, mask
+
+    # --- forward ----------------------------------------------------------------------------------------
+    def _run(self, block: MDTBlock, *args: Any) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _semantic(
+        self,
+        B: int,
+        class_labels: torch.Tensor | None,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        text_keep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, D) semantic tokens (a class is one token) and their key mask (None = all attended)."""
+        if self.text_dim is None:
+            if class_labels is None:
+                raise ValueError("class-conditional MDT needs class_labels (num_classes = the null class)")
+            return self.y_embedder(class_labels).unsqueeze(1), None
+        if text is None:
+            raise ValueError("text-conditional MDT needs text (B, L, text_dim)")
+        if text_keep is not None:
+            keep = text_keep.to(text.dtype).reshape(B, 1, 1)
+            text = keep * text + (1 - keep) * self.null_text.to(text.dtype)
+            if text_mask is not None:  # the null caption is attended everywhere
+                text_mask = text_mask | (text_keep.reshape(B, 1) == 0)
+        return self.text_embedder(text), text_mask
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
+        control_keep: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_keep: torch.Tensor | None = None,
+        mask_generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """See the model contract in ``ldm.models``; ``mask_generator`` turns on MDT's masked pass."""
+        B = x.shape[0]
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        if (gh, gw) != (self.grid_size, self.grid_size):
+            raise ValueError(f"MDT built for a {self.grid_size}x{self.grid_size} token grid, got {gh}x{gw}")
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
+        tokens, token_mask = self._semantic(B, class_labels, text, text_mask, text_keep)
+        c = self.t_embedder(t)
+        context = context_mask = None
+        if self.semantic == "adaln":
+            if token_mask is None:
+                c = c + tokens.mean(1)
+            else:
+                w = token_mask.to(tokens.dtype).unsqueeze(-1)
+                c = c + (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        else:
+            context, context_mask = tokens, token_mask
+        if control is not None:
+            if self.control_embedder is None:
+                raise ValueError("this MDT was built without control conditioning (control_mode=None) but got control")
+            c = c + self.control_embedder(control, t, control_keep)
+
+        sincos = self.pos_sincos.to(device=x.device, dtype=x.dtype)
+        h = self.x_embedder(x) + sincos + self.pos_delta
+        input_skip = h
+        ids_keep = mask = None
+        if mask_generator is not None and self.config["mask_ratio"] > 0:
+            ids_keep, mask = self.draw_mask(B, h.shape[1], mask_generator, x.device)
+            h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+        skips = []
+        for block in self.en_inblocks:
+            h = self._run(block, h, c, None, ids_keep, context, context_mask)
+            skips.append(h)
+        for block in self.en_outblocks:
+            h = self._run(block, h, c, skips.pop(), ids_keep, context, context_mask)
+
+        decoder_pos = sincos + self.decoder_pos_delta
+        if ids_keep is not None:
+            # side-interpolator: mask tokens in the dropped places, one block over the full grid, and its
+            # output is used only where tokens were dropped
+            full = self.mask_token.to(h.dtype).expand(B, input_skip.shape[1], -1).clone()
+            full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h) + decoder_pos
+            side = full
+            for block in self.sideblocks:
+                side = self._run(block, side, c, None, None, context, context_mask)
+            m = mask.to(h.dtype).unsqueeze(-1)
+            h = side * m + full * (1 - m)
+        else:
+            h = h + decoder_pos
+        for block in self.de_blocks:
+            h = self._run(block, h, c, input_skip, None, context, context_mask)
+        h = self.final_layer(h, c)
+        return unpatchify(h, (gh, gw), self.patch_size, self.out_channels)

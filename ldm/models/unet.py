@@ -1,0 +1,240 @@
+"""LDM-4 class-conditional UNet (Rombach et al. 2022) on diffusers' ``UNet2DConditionModel``.
+
+Reference config: CompVis ``configs/latent-diffusion/cin256-v2.yaml`` (read from CompVis/stable-diffusion):
+``model_channels 192, channel_mult [1, 2, 3, 5], num_res_blocks 2, attention_resolutions [8, 4, 2]`` (the
+downsample factors at which a SpatialTransformer follows each ResBlock: every level but the first, and the
+middle), ``num_heads 1`` (one head over all channels; not 32-channel heads), ``transformer_depth 1``,
+``context_dim 512``, the class label through a trainable ``ClassEmbedder`` (512-d) used as a one-token
+cross-attention context (``conditioning_key: crossattn``). That model ran on a 64x64x3 VQ-f4 latent; here
+the latent size/channels come from the project's autoencoder. The mapping onto diffusers is exact:
+timestep features [cos, sin] with frequencies over ``half`` (``flip_sin_to_cos``, shift 0), time MLP to
+4 x 192, conv downsampling, GroupNorm(32, eps 1e-5), conv ``proj_in``/``proj_out``, GEGLU feed-forward.
+As in LDM, the output conv, every ResBlock's second conv and every transformer's ``proj_out`` start at
+zero (``zero_module``), so a fresh model outputs 0.
+
+Conditioning routes (``semantic``):
+- ``attention`` (default, LDM's own): the class embedding (context_dim) is the single context token; with
+  ``text_dim`` set, caption tokens are projected to context_dim, dropped captions use a learned null token;
+- ``adaln``: the class embedding (or the masked mean of the projected caption) is added to the time
+  embedding, as ADM/LDM do for ``num_classes``; the cross-attention layers stay and attend to one learned
+  constant token, so both routes share one backbone and an ablation changes only where semantics enter.
+Control metadata (``conditioning.ControlEmbedder``) is added to the time embedding; it reaches diffusers as
+an extra additive embedding through ``class_embed_type="identity"`` (no parameters), so with nothing extra
+the wrapper computes exactly what a plain ``UNet2DConditionModel`` with the same weights does.
+No positional embedding: resolution transfer copies every weight (``transfer.transfer_state``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from .conditioning import ControlEmbedder
+from .layers import LabelEmbedder
+
+__all__ = ["LDMUNet", "UNET_SIZES", "backbone_kwargs"]
+
+SEMANTIC_MODES = ("adaln", "attention")
+
+# LDM-4 (cin256-v2) at 64x64x3, 1000 classes: see the module docstring; "tiny"/"small" are ours for CPU runs.
+UNET_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), context_dim=64),
+    "small": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1, 2), context_dim=128),
+    "LDM-4": dict(model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2, attention_levels=(1, 2, 3), context_dim=512),
+}
+
+
+def backbone_kwargs(
+    in_channels: int,
+    out_channels: int,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attention_levels: tuple[int, ...],
+    context_dim: int,
+    num_heads: int,
+) -> dict[str, Any]:
+    """``UNet2DConditionModel`` arguments for an LDM openaimodel UNet with SpatialTransformers at the given
+    levels (level i has downsample factor 2**i) and in the middle."""
+    n = len(channel_mult)
+    levels = set(attention_levels)
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=tuple(model_channels * m for m in channel_mult),
+        layers_per_block=num_res_blocks,
+        down_block_types=tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n)),
+        up_block_types=tuple("CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(n))),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=context_dim,
+        # diffusers' legacy name: this is the number of heads (LDM cin256-v2: num_heads 1)
+        attention_head_dim=num_heads,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        act_fn="silu",
+        downsample_padding=1,
+        center_input_sample=False,
+        use_linear_projection=False,
+        resnet_time_scale_shift="default",
+    )
+
+
+class LDMUNet(nn.Module):
+    """Our model contract around a diffusers UNet (``self.unet``); ``config`` rebuilds it."""
+
+    arch = "unet"
+
+    def __init__(
+        self,
+        *,
+        latent_size: int = 64,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        text_dim: int | None = None,
+        model_channels: int = 192,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2, 3, 5),
+        num_res_blocks: int = 2,
+        attention_levels: tuple[int, ...] | list[int] = (1, 2, 3),
+        context_dim: int = 512,
+        num_heads: int = 1,
+        learn_sigma: bool = False,
+        qk_norm: bool = False,
+        semantic: str | None = None,
+        class_dropout_prob: float = 0.1,
+        control_mode: str | None = None,
+        control_exponents: dict[str, float] | None = None,
+        control_offsets: dict[str, float] | None = None,
+        control_dropout_prob: float = 0.1,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        semantic = semantic or "attention"
+        if semantic not in SEMANTIC_MODES:
+            raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
+        down = 2 ** (len(channel_mult) - 1)
+        if latent_size % down:
+            raise ValueError(f"latent_size {latent_size} is not divisible by the UNet's total downsampling {down}")
+        self.config = dict(
+            arch=self.arch, latent_size=latent_size, in_channels=in_channels, num_classes=num_classes,
+            text_dim=text_dim, model_channels=model_channels, channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks, attention_levels=list(attention_levels), context_dim=context_dim,
+            num_heads=num_heads, learn_sigma=learn_sigma, qk_norm=qk_norm, semantic=semantic,
+            class_dropout_prob=class_dropout_prob, control_mode=control_mode,
+            control_exponents=dict(control_exponents) if control_exponents else None,
+            control_offsets=dict(control_offsets) if control_offsets else None,
+            control_dropout_prob=control_dropout_prob, gradient_checkpointing=gradient_checkpointing,
+        )
+        self.latent_size = latent_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.text_dim = text_dim
+        self.semantic = semantic
+        self.unet = UNet2DConditionModel(
+            **backbone_kwargs(
+                in_channels, self.out_channels, model_channels, tuple(channel_mult), num_res_blocks,
+                tuple(attention_levels), context_dim, num_heads,
+            ),
+            class_embed_type="identity",
+        )
+        temb = self.unet.time_embedding.linear_2.out_features
+        sem_dim = context_dim if semantic == "attention" else temb
+        if text_dim is None:
+            self.y_embedder = LabelEmbedder(num_classes, sem_dim)
+        else:
+            self.text_proj = nn.Linear(text_dim, sem_dim)
+            self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+        if semantic == "adaln":
+            self.null_context = nn.Parameter(torch.zeros(1, 1, context_dim))
+        self.control_embedder = (
+            ControlEmbedder(temb, control_mode, control_exponents, control_offsets) if control_mode else None
+        )
+        if qk_norm:
+            for module in self.unet.modules():
+                if type(module).__name__ == "Attention":
+                    module.norm_q = nn.LayerNorm(module.inner_dim // module.heads, eps=1e-6)
+                    module.norm_k = nn.LayerNorm(module.inner_dim // module.heads, eps=1e-6)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """LDM's zero_module()s on top of diffusers' (PyTorch default) init; N(0, 1) class table as
+        ``nn.Embedding`` in LDM's ClassEmbedder; small random null caption/context tokens."""
+        for name, module in self.unet.named_modules():
+            if name == "conv_out" or name.endswith("proj_out") or (name.endswith("conv2") and ".resnets." in name):
+                nn.init.zeros_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.text_dim is None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)
+        else:
+            nn.init.normal_(self.null_text, std=self.text_dim**-0.5)
+        if self.semantic == "adaln":
+            nn.init.normal_(self.null_context, std=self.config["context_dim"] ** -0.5)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize()
+
+    def _semantic(
+        self,
+        B: int,
+        class_labels: torch.Tensor | None,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        text_keep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.text_dim is None:
+            if class_labels is None:
+                raise ValueError("class-conditional UNet needs class_labels (num_classes = the null class)")
+            return self.y_embedder(class_labels).unsqueeze(1), None
+        if text is None:
+            raise ValueError("text-conditional UNet needs text (B, L, text_dim)")
+        if text_keep is not None:
+            keep = text_keep.to(text.dtype).reshape(B, 1, 1)
+            text = keep * text + (1 - keep) * self.null_text.to(text.dtype)
+            if text_mask is not None:
+                text_mask = text_mask | (text_keep.reshape(B, 1) == 0)
+        return self.text_proj(text), text_mask
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
+        control_keep: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See the model contract in ``ldm.models``."""
+        B = x.shape[0]
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
+        tokens, token_mask = self._semantic(B, class_labels, text, text_mask, text_keep)
+        temb = self.unet.time_embedding.linear_2.out_features
+        extra = torch.zeros(B, temb, device=x.device, dtype=tokens.dtype)
+        if self.semantic == "attention":
+            context, context_mask = tokens, token_mask
+        else:
+            if token_mask is None:
+                extra = extra + tokens.mean(1)
+            else:
+                w = token_mask.to(tokens.dtype).unsqueeze(-1)
+                extra = extra + (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+            context, context_mask = self.null_context.to(tokens.dtype).expand(B, -1, -1), None
+        if control is not None:
+            if self.control_embedder is None:
+                raise ValueError("this UNet was built without control conditioning (control_mode=None) but got control")
+            extra = extra + self.control_embedder(control, t, control_keep).to(extra.dtype)
+        return self.unet(
+            x,
+            t,
+            encoder_hidden_states=context,
+            class_labels=extra,
+            encoder_attention_mask=None if context_mask is None else context_mask.to(x.dtype),
+            return_dict=False,
+        )[0]
