@@ -28,6 +28,8 @@ from torch import nn
 
 from .dit import DIT_SIZES, DiT
 from .mdt import MDT, MDT_SIZES
+from .mmdit import MMDIT_SIZES, MMDiT
+from .pixart import PIXART_SIZES, PixArt
 from .unet import UNET_SIZES, LDMUNet
 
 __all__ = ["build_model", "model_from_config", "ARCHITECTURES"]
@@ -35,6 +37,8 @@ __all__ = ["build_model", "model_from_config", "ARCHITECTURES"]
 # arch -> (class, {size name -> preset kwargs})
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, dict[str, Any]]]] = {
     "dit": (DiT, DIT_SIZES),
+    "pixart": (PixArt, PIXART_SIZES),
+    "mmdit": (MMDiT, MMDIT_SIZES),
     "mdt": (MDT, MDT_SIZES),
     "unet": (LDMUNet, UNET_SIZES),
 }
