@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from .dit import DIT_SIZES, DiT
+from .improved import IMPROVED_SIZES, ImprovedDiT
 from .mdt import MDT, MDT_SIZES
 from .mmdit import MMDIT_SIZES, MMDiT
 from .pixart import PIXART_SIZES, PixArt
@@ -39,13 +40,28 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], dict[str, dict[str, Any]]]] = {
     "dit": (DiT, DIT_SIZES),
     "pixart": (PixArt, PIXART_SIZES),
     "mmdit": (MMDiT, MMDIT_SIZES),
+    "improved": (ImprovedDiT, IMPROVED_SIZES),
     "mdt": (MDT, MDT_SIZES),
     "unet": (LDMUNet, UNET_SIZES),
 }
 
 
+def _constructor_keywords(cls: type) -> list[str]:
+    """Named constructor arguments, following ``**kwargs`` up to the parent class that takes them."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                  and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
 def _check_options(cls: type[nn.Module], arch: str, options: dict[str, Any]) -> None:
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    valid = _constructor_keywords(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for arch {arch!r}; valid: {', '.join(valid)}")
