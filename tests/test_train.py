@@ -164,7 +164,9 @@ def test_sigterm_snapshots_and_exits_with_the_documented_code(cache_config, tmp_
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == PREEMPTED_EXIT_CODE, output[-2000:]
-    snaps = list_snapshots(run_dir(config, run) / "checkpoints")
+    # a preemption snapshot is a resume checkpoint: it is not among the evaluated (sampled) snapshots
+    assert list_snapshots(run_dir(config, run) / "checkpoints") == []
+    snaps = list_snapshots(run_dir(config, run) / "resume")
     assert len(snaps) == 1 and "SIGTERM" in output
     stopped_at = int(snaps[0].name.split("-")[1])
     logged = json.loads(log.read_text().splitlines()[-1])["step"]
