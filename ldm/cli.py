@@ -67,14 +67,35 @@ def cmd_train_vae(args) -> None:
     print(f"tiny VAE written to {args.out}: {result}")
 
 
+def _rank_world(args) -> tuple[int, int]:
+    """--rank/--world-size, else torchrun's RANK/WORLD_SIZE, else a single process."""
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world
+
+
 def cmd_encode(args) -> None:
     from .latents import encode_latents
 
     _threads(args.threads)
     text = None if args.text_encoder in (None, "none", "null") else args.text_encoder
-    manifest = encode_latents(Path(args.prepared), args.vae, Path(args.out), text_encoder=text,
-                              batch_size=args.batch_size)
-    print(f"encoded {manifest['count']} samples into {args.out}")
+    rank, world = _rank_world(args)
+    device = args.device
+    if device is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        import torch
+
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    result = encode_latents(Path(args.prepared), args.vae, Path(args.out), text_encoder=text,
+                            batch_size=args.batch_size, shard_size=args.shard_size, device=device,
+                            rank=rank, world_size=world)
+    run = result["run"]
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    print(f"{who}encoded {len(run['encoded'])} shards, reused {len(run['reused'])}")
+    if result["complete"]:
+        print(f"encoded {result['count']} samples into {args.out}")
+    else:
+        print(f"{args.out}: {len(result['missing'])} of {result['num_shards']} shards still missing "
+              "(other ranks); the last rank to finish writes manifest.json")
 
 
 def cmd_train_evaluator(args) -> None:
@@ -199,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--text-encoder", default="minilm", help="minilm | CLIP/T5 path | none")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=1000, help="rows per cache shard (the unit of resume)")
+    p.add_argument("--rank", type=int, default=None, help="this process's rank (default: env RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="processes sharing the work, shard k to rank k %% W (default: env WORLD_SIZE or 1)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK / cuda / cpu)")
     p = add("train-evaluator", cmd_train_evaluator, "train the offline evaluator on the real prepared images",
             True, True)
     p.add_argument("--out", required=True)

@@ -11,9 +11,11 @@ on the fly, at cache cost of 4 tensors instead of one.
 
 Resumability: output shard k always holds prepared rows [k*shard_size, (k+1)*shard_size) and is
 encoded in fixed batches within that shard, so re-encoding one shard reproduces its bytes exactly.
-Each shard is written atomically and recorded (with its sha256) in `.manifest.partial.json`; a rerun
-with the same inputs/parameters keeps every shard whose file still matches its recorded checksum and
-re-encodes the others. `manifest.json` is written last, so its presence means the cache is complete.
+Each shard is written atomically and recorded (with its sha256) in `.manifest.partial.R.json` (R the
+rank; 0 for a single process); a rerun with the same inputs/parameters keeps every shard whose file
+still matches its recorded checksum and re-encodes the others. Ranks (`rank`, `world_size`) split the
+shards k % world_size. `manifest.json` is written last, once every shard exists, so its presence means
+the cache is complete.
 """
 from __future__ import annotations
 
@@ -36,7 +38,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ldm-latent-cache/1"
 MANIFEST = "manifest.json"
-PARTIAL = ".manifest.partial.json"
 CONTROL_COLUMNS = ("orig_h", "orig_w", "crop_top", "crop_left", "crop_h", "crop_w")
 MOMENTS = ("mean", "std", "mean_flip", "std_flip")
 
@@ -130,6 +131,28 @@ def _encode_shard(rows: dict, vae, te, resolution: int, batch_size: int, device)
     return out
 
 
+def _partial_name(rank: int) -> str:
+    return f".manifest.partial.{rank}.json"
+
+
+def _read_records(out: Path, params: dict, names: list[str]) -> dict[str, dict]:
+    """Shard records ({file: {file, rows, sha256}}) of earlier/other runs with the same parameters."""
+    records: dict[str, dict] = {}
+    for name in names:
+        p = out / name
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):  # absent, or removed by a rank that just finished
+            continue
+        if rec.get("format") == FORMAT and rec.get("params") == params:
+            records.update({s["file"]: s for s in rec.get("shards", [])})
+    return records
+
+
+def _partials(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob(".manifest.partial*.json"))
+
+
 def encode_latents(
     prepared: Path,
     vae: str,
@@ -139,14 +162,29 @@ def encode_latents(
     shard_size: int = 1000,
     max_text_length: int = 32,
     device: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict:
-    """Encode a prepared directory into a latent cache at `out`; returns the manifest, plus a `run`
-    entry (not written to disk) listing the shards encoded and reused by this call."""
+    """Encode a prepared directory into a latent cache at `out`.
+
+    With `world_size` W > 1 this process (rank R) encodes only shards k with k % W == R and records them
+    in its own `.manifest.partial.R.json`, so ranks never write the same file; ranks may run at the same
+    time (torchrun) or one after another. Each rank, once done, collects every rank's records, and if
+    every shard is there writes `manifest.json` (the last rank to finish does; more than one writing
+    it is harmless, the content is the same). Its own shards are checked by sha256 before reuse; other
+    ranks' shards by their records and presence.
+
+    Returns the manifest plus a `run` entry (not written to disk) listing the shards encoded and reused
+    by this call and `complete` (whether the manifest now exists); an incomplete call returns only
+    count, num_shards, complete, missing and run.
+    """
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from ldm.text import load_text_encoder
 
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
     prepared, out = Path(prepared), Path(out)
     report_path = prepared / "report.json"
     if not report_path.is_file():
@@ -171,26 +209,23 @@ def encode_latents(
     }
 
     out.mkdir(parents=True, exist_ok=True)
-    previous = {}
-    for name in (MANIFEST, PARTIAL):
-        p = out / name
-        if p.is_file():
-            try:
-                rec = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                continue
-            if rec.get("format") == FORMAT and rec.get("params") == params:
-                previous.update({s["file"]: s for s in rec.get("shards", [])})
+    previous = _read_records(out, params, [MANIFEST, *_partials(out)])
     n = len(source)
     n_shards = max(1, math.ceil(n / shard_size)) if n else 0
     expected = {_shard_name(k) for k in range(n_shards)}
-    for stale in [*out.glob("shard-*.safetensors"), *out.glob("*.tmp")]:
-        if stale.name not in expected:  # other shard counts, writes cut short by a crash
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    for stale in out.glob("shard-*.safetensors"):
+        if stale.name not in expected:  # from a run with another shard count
             stale.unlink()
+    own = {_shard_name(k) for k in mine}
+    for tmp in out.glob("shard-*.safetensors.tmp"):  # writes cut short by a crash; other ranks' may be in flight
+        if tmp.name[:-len(".tmp")] not in expected or tmp.name[:-len(".tmp")] in own:
+            tmp.unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the cache is "in progress"
 
     shards, encoded, reused = [], [], []
-    for k in tqdm(range(n_shards), desc=f"encode {out.name}", unit="shard", disable=None):
+    for k in tqdm(mine, desc=f"encode {out.name}" + (f" rank {rank}/{world_size}" if world_size > 1 else ""),
+                  unit="shard", disable=None):
         a, b = k * shard_size, min(n, (k + 1) * shard_size)
         name = _shard_name(k)
         path = out / name
@@ -205,15 +240,29 @@ def encode_latents(
         os.replace(tmp, path)
         shards.append({"file": name, "rows": b - a, "sha256": file_sha256(path)})
         encoded.append(name)
-        atomic_write_json(out / PARTIAL, {"format": FORMAT, "params": params, "shards": shards})
+        atomic_write_json(out / _partial_name(rank), {"format": FORMAT, "params": params, "shards": shards})
         log.info("encoded %s (%d rows)", name, b - a)
+    # Reused shards are recorded too: their old record may have lived only in the manifest just removed.
+    atomic_write_json(out / _partial_name(rank), {"format": FORMAT, "params": params, "shards": shards})
+    run = {"encoded": encoded, "reused": reused}
+
+    records = {**previous, **_read_records(out, params, _partials(out)), **{s["file"]: s for s in shards}}
+    missing = []
+    for k in range(n_shards):
+        rec = records.get(_shard_name(k))
+        if not (rec and rec.get("rows") == min(n, (k + 1) * shard_size) - k * shard_size
+                and (out / rec["file"]).is_file()):
+            missing.append(_shard_name(k))
+    if missing:
+        log.info("rank %d/%d done; waiting for %d shards of other ranks", rank, world_size, len(missing))
+        return {"count": n, "num_shards": n_shards, "complete": False, "missing": missing, "run": run}
 
     shift = model.config.get("shift_factor")
     manifest = {
         "format": FORMAT,
         "count": n,
         "num_shards": n_shards,
-        "shards": shards,
+        "shards": [{k: records[_shard_name(i)][k] for k in ("file", "rows", "sha256")} for i in range(n_shards)],
         "vae": identity,
         "scaling_factor": float(model.config.scaling_factor),
         "shift_factor": float(shift) if shift is not None else 0.0,
@@ -225,9 +274,13 @@ def encode_latents(
         "prepared": {"path": str(prepared), "report_sha256": params["prepared_report_sha256"]},
         "params": params,
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    (out / PARTIAL).unlink(missing_ok=True)
-    return {**manifest, "run": {"encoded": encoded, "reused": reused}}
+    # A rank-private temp name: two ranks finishing together may both write the (identical) manifest.
+    tmp = out / f".{MANIFEST}.{rank}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    for name in _partials(out):
+        (out / name).unlink(missing_ok=True)
+    return {**manifest, "complete": True, "run": run}
 
 
 class LatentDataset(torch.utils.data.Dataset):
