@@ -1,8 +1,12 @@
 """`ldm evaluate`: metrics of every snapshot of a run, mean ± std over sampling seeds, with provenance.
 
-Metrics are named by protocol (`fd_evaluator`, `cond_accuracy`, `fid_clean`, `fid_legacy_tf`) so numbers
-computed differently never share a column. The final numbers are those of the last snapshot; the curve
-holds every snapshot for metric-vs-step plots. A sample grid of the last snapshot goes to the plots.
+Metrics are named by protocol (`fd_evaluator`, `cond_accuracy`, `precision`, `recall`, `size_consistency`,
+`clip_score`, `fid_clean`, `fid_legacy_tf`) so numbers computed differently never share a column. The final
+numbers are those of the last snapshot; the curve holds every snapshot for metric-vs-step plots. Each image
+set goes through the evaluator once (features and predicted classes together). When the samples include a
+guidance sweep, fd_evaluator and cond_accuracy are computed per scale and the scale with the lowest
+fd_evaluator is recorded as `guidance_sweep.chosen_scale`. A metric that cannot be computed here (CLIP not
+available offline) is skipped with a one-line reason, logged and kept under `skipped`.
 """
 from __future__ import annotations
 
@@ -15,11 +19,16 @@ from torchvision.utils import make_grid
 
 from .config import config_fingerprint, digest, eval_section, get_run
 from .generate import load_samples, read_index
+from .metrics.clip_score import CAPTION_TEMPLATE, ClipUnavailable, class_captions, clip_score, load_clip
+from .metrics.consistency import size_consistency
 from .metrics.evaluator import load_evaluator
-from .metrics.fid import cond_accuracy, fd_evaluator, inception_fid, load_stats
+from .metrics.fid import PROTOCOLS, cond_accuracy, feature_statistics, frechet_distance, inception_fid, load_stats
+from .metrics.manifold import precision_recall
 from .prepare import load_prepared
 from .provenance import atomic_write_json, code_version, file_sha256
 from .train import run_dir
+
+PR_K = 3  # Kynkäänniemi et al. 2019
 
 
 def reference_path(config: dict, resolution: int) -> Path:
@@ -30,18 +39,92 @@ def prepared_path(config: dict, resolution: int) -> Path:
     return Path(config["workdir"]) / "prepared" / config["dataset"]["name"] / f"r{resolution}"
 
 
-def _metrics_of(images: np.ndarray, labels: np.ndarray, wanted: list[str], evaluator, ref_stats,
-                config: dict, resolution: int) -> dict[str, float]:
-    values = {}
-    if "fd_evaluator" in wanted:
-        values["fd_evaluator"] = float(fd_evaluator(images, ref_stats, evaluator))
-    if "cond_accuracy" in wanted:
-        values["cond_accuracy"] = float(cond_accuracy(evaluator.predict(images), {"class": labels})["class"])
-    for name, mode in (("fid_clean", "clean"), ("fid_legacy_tf", "legacy_tensorflow")):
-        if name in wanted:
-            real, _ = load_prepared(prepared_path(config, resolution))
-            values[name] = float(inception_fid(images, real, mode=mode))
-    return values
+class _Context:
+    """What every image set is compared with; real images and their features loaded once, on first use."""
+
+    def __init__(self, config: dict, resolution: int, evaluator, ref_stats, classes: list[str], log):
+        self.config, self.resolution, self.evaluator, self.ref_stats = config, resolution, evaluator, ref_stats
+        self.classes, self.wanted = classes, config["evaluation"]["metrics"]
+        self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
+        if "clip_score" in self.wanted:
+            try:
+                self.clip = load_clip(config["evaluation"]["clip_model"])
+            except ClipUnavailable as exc:
+                self.skipped["clip_score"] = str(exc)
+                log(str(exc))
+
+    @property
+    def real(self) -> np.ndarray:
+        if self._real is None:
+            self._real, _ = load_prepared(prepared_path(self.config, self.resolution))
+        return self._real
+
+    @property
+    def real_features(self) -> np.ndarray:
+        if self._real_feats is None:
+            self._real_feats = self.evaluator.features(self.real)
+        return self._real_feats
+
+    def fid_reference(self):
+        """Inception reference: `evaluation.reference_stats` (e.g. an ADM batch) or the prepared images."""
+        path = self.config["evaluation"]["reference_stats"]
+        return path if path else self.real
+
+    def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        feats, pred = self.evaluator.features_and_predictions(images)
+        values = {}
+        if "fd_evaluator" in self.wanted:
+            values["fd_evaluator"] = frechet_distance(*feature_statistics(feats), *self.ref_stats)
+        if "cond_accuracy" in self.wanted:
+            values["cond_accuracy"] = float(cond_accuracy(pred, {"class": labels})["class"])
+        if "precision" in self.wanted or "recall" in self.wanted:
+            pr = precision_recall(self.real_features, feats, k=PR_K)
+            values.update({k: v for k, v in pr.items() if k in self.wanted})
+        if self.clip is not None:
+            values["clip_score"] = float(clip_score(images, class_captions(labels, self.classes), *self.clip).mean())
+        for mode, name in PROTOCOLS.items():
+            if name in self.wanted:
+                values[name] = float(inception_fid(images, self.fid_reference(), mode=mode))
+        return values
+
+
+def _summary(per_seed: dict[str, list[float]]) -> dict:
+    return {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                   "per_seed": v} for name, v in per_seed.items()}
+
+
+def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
+    """fd_evaluator and cond_accuracy per guidance scale (first seed, final snapshot); best fd chosen."""
+    data = load_samples(samples_dir, spec)
+    fd, acc = [], []
+    for scale in spec["scales"]:
+        pick = data["scales"] == scale
+        feats, pred = ctx.evaluator.features_and_predictions(data["images"][pick])
+        fd.append(frechet_distance(*feature_statistics(feats), *ctx.ref_stats))
+        acc.append(float(cond_accuracy(pred, {"class": data["labels"][pick]})["class"]))
+    best = int(np.argmin(fd))
+    return {"scales": spec["scales"], "fd_evaluator": fd, "cond_accuracy": acc, "chosen_scale": spec["scales"][best],
+            "criterion": "lowest fd_evaluator", "seed": spec["seed"], "step": spec["step"]}
+
+
+def size_consistency_per_seed(ctx: _Context, samples_dir: Path, spec: dict) -> tuple[dict, dict]:
+    """size_consistency(_pairwise) per seed, and conditional accuracy per size (mean over seeds)."""
+    data = load_samples(samples_dir, spec)
+    _, pred = ctx.evaluator.features_and_predictions(data["images"])
+    per_seed, by_size = {}, {}
+    for seed in spec["seeds"]:
+        rows, labels = [], None
+        for size in spec["sizes"]:
+            pick = (data["seeds"] == seed) & (data["sizes"] == size)
+            order = np.argsort(data["index"][pick], kind="stable")
+            rows.append(pred["class"][pick][order])
+            labels = data["labels"][pick][order]
+        result = size_consistency(np.stack(rows), labels, spec["sizes"])
+        for name in ("size_consistency", "size_consistency_pairwise"):
+            per_seed.setdefault(name, []).append(result[name])
+        for size, value in result["cond_accuracy_by_size"].items():
+            by_size.setdefault(size, []).append(value)
+    return per_seed, {size: float(np.mean(v)) for size, v in by_size.items()}
 
 
 def evaluate_run(config: dict, run_id: str, log=print) -> Path:
@@ -52,23 +135,39 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
     evaluator = load_evaluator(Path(config["workdir"]) / "evaluator")
     ref_file = reference_path(config, run.resolution)
     mu, sigma, ref_meta = load_stats(ref_file)
+    want, have = ref_meta.get("evaluator_weights_sha256"), evaluator.config.get("weights_sha256")
+    if want and have and want != have:
+        raise ValueError(f"{ref_file} was computed with another evaluator (weights {want[:12]}, loaded {have[:12]})")
+    ctx = _Context(config, run.resolution, evaluator, (mu, sigma), index["classes"], log)
     curve, final = [], None
     for entry in index["snapshots"]:
         data = load_samples(samples_dir, entry)
         per_seed: dict[str, list[float]] = {}
         for seed in entry["seeds"]:
             pick = data["seeds"] == seed
-            values = _metrics_of(data["images"][pick], data["labels"][pick], wanted, evaluator, (mu, sigma),
-                                 config, run.resolution)
-            for name, value in values.items():
+            for name, value in ctx.metrics(data["images"][pick], data["labels"][pick]).items():
                 per_seed.setdefault(name, []).append(value)
-        summary = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                          "per_seed": v} for name, v in per_seed.items()}
+        summary = _summary(per_seed)
         curve.append({"step": entry["step"], "num_seeds": len(entry["seeds"]), **{n: s["mean"] for n, s in summary.items()},
                       **{f"{n}_std": s["std"] for n, s in summary.items()}})
         final = (entry, data, summary)
         log(f"{run_id} step {entry['step']}: " + ", ".join(f"{n}={s['mean']:.4f}±{s['std']:.4f}" for n, s in summary.items()))
     entry, data, summary = final
+    extra = {}
+    if "guidance_sweep" in index:
+        extra["guidance_sweep"] = guidance_sweep(ctx, samples_dir, index["guidance_sweep"])
+        sweep = extra["guidance_sweep"]
+        log(f"{run_id} guidance sweep: " + ", ".join(f"{g}: fd={f:.3f} acc={a:.3f}" for g, f, a in
+                                                      zip(sweep["scales"], sweep["fd_evaluator"], sweep["cond_accuracy"]))
+            + f"; chosen {sweep['chosen_scale']}")
+    if "size_consistency" in wanted:
+        if "size_conditions" in index:
+            per_seed, by_size = size_consistency_per_seed(ctx, samples_dir, index["size_conditions"])
+            summary.update(_summary(per_seed))
+            extra["size_conditions"] = {"sizes": index["size_conditions"]["sizes"], "cond_accuracy_by_size": by_size}
+        else:
+            ctx.skipped["size_consistency"] = "size_consistency skipped: sampling.size_conditions is empty"
+            log(ctx.skipped["size_consistency"])
     grid_path = Path(config["results"]) / "plots" / f"samples_{run_id}.png"
     save_sample_grid(data, index["classes"], grid_path)
     record = {
@@ -77,24 +176,53 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
         "config_hash": digest(eval_section(config, run_id)),
         "scenario": config["name"], "config_fingerprint": config_fingerprint(config),
         "code_version": code_version(),
-        "protocol": {
-            "fd_evaluator": "Frechet distance (clean-fid frechet_distance) on offline-evaluator features, "
-                            f"samples vs. all real prepared images at {run.resolution}px",
-            "cond_accuracy": "share of samples whose evaluator-predicted class equals the conditioning class",
-        },
+        "protocol": _protocol(config, run.resolution, wanted),
         "sampler": index["sampler"], "steps": index["steps"], "guidance": index["guidance"],
         "num_samples": index["num_samples"], "seeds": index["seeds"], "original_size": index["original_size"],
+        "image_seeds": index.get("image_seeds"), "forward_batch": index.get("forward_batch"),
         "reference": {"file": str(ref_file), "sha256": file_sha256(ref_file), **ref_meta},
         "evaluator_heldout_accuracy": evaluator.config.get("heldout_accuracy"),
+        "evaluator_weights_sha256": evaluator.config.get("weights_sha256"),
         "chance_accuracy": 1.0 / len(index["classes"]),
         "step": entry["step"],
         "metrics": summary,
+        **extra,
+        "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path),
     }
+    if any(name in wanted for name in PROTOCOLS.values()):
+        record["fid_reference"] = _fid_reference(config, run.resolution)
     out = Path(config["results"]) / "metrics" / f"{run_id}.json"
     atomic_write_json(out, record)
     return out
+
+
+def _protocol(config: dict, resolution: int, wanted: list[str]) -> dict:
+    texts = {
+        "fd_evaluator": "Frechet distance (clean-fid frechet_distance) on offline-evaluator features, "
+                        f"samples vs. all real prepared images at {resolution}px",
+        "cond_accuracy": "share of samples whose evaluator-predicted class equals the conditioning class",
+        "precision": f"improved precision (Kynkaanniemi et al. 2019, k={PR_K}) on evaluator features: share of "
+                     "samples inside the k-NN manifold of all real prepared images",
+        "recall": f"improved recall (k={PR_K}): share of real prepared images inside the k-NN manifold of the "
+                  "samples of one seed",
+        "size_consistency": "share of (seed, image) groups whose evaluator class is the same at every size in "
+                            "sampling.size_conditions (same noise and class); _pairwise: mean agreement over size pairs",
+        "clip_score": f"100 * max(cos, 0) of CLIP {config['evaluation']['clip_model']} image and caption embeddings, "
+                      f"caption '{CAPTION_TEMPLATE}' with the class name, mean over images",
+        "fid_clean": "clean-fid Inception FID, mode clean",
+        "fid_legacy_tf": "clean-fid Inception FID, mode legacy_tensorflow",
+    }
+    return {name: texts[name] for name in wanted if name in texts}
+
+
+def _fid_reference(config: dict, resolution: int) -> dict:
+    path = config["evaluation"]["reference_stats"]
+    if not path:
+        return {"source": "prepared images", "dir": str(prepared_path(config, resolution))}
+    _, _, meta = load_stats(path)
+    return {"source": "statistics file", "file": str(path), "sha256": file_sha256(Path(path)), **meta}
 
 
 def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> None:

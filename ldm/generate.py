@@ -5,6 +5,14 @@ earlier snapshots, which only feed the metric-vs-step curves, with the first see
 (sampling seed, i), so image i is the same whatever the batch size. The size/crop condition is that of an
 uncropped square image of `sampling.original_size` pixels (the SDXL convention for "a whole image").
 Images are stored as uint8 tensors in one safetensors shard per snapshot, never as one file per image.
+
+Two extra sets of the final snapshot, when the config asks for them:
+- `guidance.safetensors`: the first seed at every semantic scale of `sampling.guidance_sweep` (the sweep
+  curve; evaluation picks the scale with the best fd_evaluator);
+- `sizes.safetensors`: every seed at every original size of `sampling.size_conditions`, same noise and
+  class per image across sizes (the size-consistency metric, the paper's Figure 2 effect).
+Image i is bit-identical whatever `sampling.batch_size` (see `ldm.sampling`; the forward group size is
+recorded in the index as `forward_batch`).
 """
 from __future__ import annotations
 
@@ -16,11 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .autoencoder import load_vae
-from .config import get_run, sampler_for
+from .config import ConfigError, get_run, sampler_for
 from .latents import LatentDataset
 from .models import model_from_config
 from .provenance import atomic_write_json
-from .sampling import sample_latents
+from .sampling import FORWARD_BATCH, sample_latents
 from .train import build_run_objective, latents_dir, list_snapshots, load_final, run_dir
 
 
@@ -48,9 +56,18 @@ def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, ba
     return torch.cat(out)
 
 
+def _save_shard(path: Path, tensors: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
 def sample_run(config: dict, run_id: str, log=print) -> Path:
     run = get_run(config, run_id)
-    _recipe, scfg = config["recipes"][run.recipe], config["sampling"]
+    recipe, scfg = config["recipes"][run.recipe], config["sampling"]
+    if recipe.get("conditioning", "class") == "text":
+        raise ConfigError(f"recipes.{run.recipe}.conditioning: sampling text-conditional recipes (captions at "
+                          "sampling time) is not built yet; `ldm sample` handles class-conditional recipes")
     out = run_dir(config, run_id) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     cache = LatentDataset(latents_dir(config, run.resolution), verify=False)
@@ -63,33 +80,69 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
     latent_shape = _latent_shape(cache)
     entries = []
     snapshots = list_snapshots(run_dir(config, run_id) / "checkpoints")
+    sampler = sampler_for(config, run.recipe)
+
+    uses_control = recipe.get("control", "additive") != "none"
+
+    def draw(seed: int, guidance: float, ctrl: torch.Tensor) -> torch.Tensor:
+        latents = sample_latents(model, objective, labels, ctrl if uses_control else None, latent_shape=latent_shape, steps=scfg["steps"],
+                                 guidance_semantic=guidance, guidance_control=scfg["guidance_control"],
+                                 guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
+                                 batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH)
+        return decode_to_uint8(vae, latents, scaling, shift)
+
     for snapshot in snapshots:
         step = int(snapshot.name.split("-")[1])
         model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
-        images, seeds = [], []
         # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
         snapshot_seeds = scfg["seeds"] if snapshot == snapshots[-1] else scfg["seeds"][:1]
-        for seed in snapshot_seeds:
-            latents = sample_latents(model, objective, labels, control, latent_shape=latent_shape,
-                                     steps=scfg["steps"], guidance_semantic=scfg["guidance"],
-                                     guidance_control=scfg["guidance_control"],
-                                     seeds=image_seeds(seed, len(labels)), batch_size=scfg["batch_size"],
-                                     sampler=sampler_for(config, run.recipe))
-            images.append(decode_to_uint8(vae, latents, scaling, shift))
-            seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
+        images = [draw(seed, scfg["guidance"], control) for seed in snapshot_seeds]
+        seeds = [torch.full((len(labels),), seed, dtype=torch.int64) for seed in snapshot_seeds]
         name = f"step-{step:07d}.safetensors"
-        tmp = out / (name + ".tmp")
-        save_file({"images": torch.cat(images).contiguous(), "labels": labels.repeat(len(snapshot_seeds)),
-                   "seeds": torch.cat(seeds), "control": control.repeat(len(snapshot_seeds), 1)}, str(tmp))
-        tmp.replace(out / name)
+        _save_shard(out / name, {"images": torch.cat(images), "labels": labels.repeat(len(snapshot_seeds)),
+                                 "seeds": torch.cat(seeds), "control": control.repeat(len(snapshot_seeds), 1)})
         entries.append({"step": step, "file": name, "seeds": snapshot_seeds})
         log(f"{run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {len(labels)} images)")
+    # the model now holds the final snapshot's weights
+    extra = {}
+    if scfg["guidance_sweep"]:
+        scales = [float(g) for g in scfg["guidance_sweep"]]
+        seed = scfg["seeds"][0]
+        images = [draw(seed, g, control) for g in scales]
+        _save_shard(out / "guidance.safetensors", {
+            "images": torch.cat(images), "labels": labels.repeat(len(scales)),
+            "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(len(labels))})
+        extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
+                                   "step": entries[-1]["step"]}
+        log(f"{run_id}: guidance sweep at scales {scales} (seed {seed})")
+    if scfg["size_conditions"] and not uses_control:
+        log(f"{run_id}: size conditions skipped: recipe {run.recipe} has no control conditioning")
+    elif scfg["size_conditions"]:
+        sizes = [int(v) for v in scfg["size_conditions"]]
+        images, seeds, size_col = [], [], []
+        for seed in scfg["seeds"]:
+            for size in sizes:
+                images.append(draw(seed, scfg["guidance"], sampling_conditions(len(labels), len(cache.classes), size)[1]))
+                seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
+                size_col.append(torch.full((len(labels),), size, dtype=torch.int64))
+        n_sets = len(sizes) * len(scfg["seeds"])
+        _save_shard(out / "sizes.safetensors", {"images": torch.cat(images), "labels": labels.repeat(n_sets),
+                                                "seeds": torch.cat(seeds), "sizes": torch.cat(size_col),
+                                                "index": torch.arange(len(labels)).repeat(n_sets)})
+        extra["size_conditions"] = {"file": "sizes.safetensors", "sizes": sizes, "seeds": scfg["seeds"],
+                                    "step": entries[-1]["step"]}
+        log(f"{run_id}: size conditions {sizes} x {len(scfg['seeds'])} seeds")
     atomic_write_json(out / "index.json", {
         "run_id": run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
-        "sampler": sampler_for(config, run.recipe), "steps": scfg["steps"],
-        "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"]},
-        "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
+        "sampler": sampler, "steps": scfg["steps"],
+        "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"],
+                     "interval": scfg["guidance_interval"]},
+        "forward_batch": FORWARD_BATCH, "image_seeds": "seed * 1000003 + i",
+        "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution, **extra,
     })
+    for stale in ("guidance.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
+        if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
+            (out / stale).unlink()
     return out / "index.json"
 
 
@@ -98,6 +151,7 @@ def _latent_shape(cache: LatentDataset) -> tuple[int, int, int]:
 
 
 def load_samples(samples_dir: Path, entry: dict) -> dict[str, np.ndarray]:
+    """The arrays of one shard named by an index entry (a snapshot, the guidance sweep or the size set)."""
     return {k: v.numpy() for k, v in load_file(str(samples_dir / entry["file"])).items()}
 
 

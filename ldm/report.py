@@ -1,7 +1,9 @@
 """`ldm report`: comparison tables (markdown + CSV) and plots from the metrics JSONs of a scenario.
 
 Reads only `results/metrics/*.json` (the DVC `report` stage depends on nothing else), so the report can
-be rebuilt anywhere the small results are checked out.
+be rebuilt anywhere the small results are checked out. Every metric is shown as mean ± std over the
+sampling seeds; runs with a guidance sweep get one combined sweep figure (`plots/guidance.png`: fd_evaluator
+and cond_accuracy against the semantic scale, the chosen scale marked) and a table of chosen scales.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import pandas as pd  # noqa: E402
 from .config import expand_runs  # noqa: E402
 from .provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
 
-LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True, "cond_accuracy": False}
+LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True, "cond_accuracy": False,
+                   "precision": False, "recall": False, "size_consistency": False,
+                   "size_consistency_pairwise": False, "clip_score": False}
+CURVE_METRICS = ("fd_evaluator", "cond_accuracy", "precision", "recall", "clip_score", "fid_clean", "fid_legacy_tf")
 
 
 def load_metrics(config: dict) -> list[dict]:
@@ -44,6 +49,8 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
         for name, stats in rec["metrics"].items():
             row[name] = stats["mean"]
             row[f"{name}_std"] = stats["std"]
+        if "guidance_sweep" in rec:
+            row["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -83,7 +90,7 @@ def write_table(frame: pd.DataFrame, stem: Path, title: str) -> None:
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
-    metrics = [m for m in ("fd_evaluator", "cond_accuracy", "fid_clean", "fid_legacy_tf") if m in records[0]["metrics"]]
+    metrics = [m for m in CURVE_METRICS if m in records[0]["metrics"]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for rec in records:
@@ -106,6 +113,47 @@ def plot_curves(records: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def plot_guidance_sweeps(records: list[dict], path: Path) -> bool:
+    """fd_evaluator and cond_accuracy vs. semantic guidance scale, one line per run, chosen scale marked."""
+    swept = [r for r in records if r.get("guidance_sweep")]
+    if not swept:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    for ax, metric in zip(axes[0], ("fd_evaluator", "cond_accuracy")):
+        for rec in swept:
+            sweep = rec["guidance_sweep"]
+            line, = ax.plot(sweep["scales"], sweep[metric], marker="o", label=rec["run_id"])
+            chosen = sweep["scales"].index(sweep["chosen_scale"])
+            ax.plot([sweep["chosen_scale"]], [sweep[metric][chosen]], marker="*", markersize=14,
+                    color=line.get_color())
+        if metric == "cond_accuracy":
+            ax.axhline(swept[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
+        ax.set_xlabel("semantic guidance scale")
+        ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("guidance sweep (final weights, first sampling seed; star: chosen = lowest fd_evaluator)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def guidance_table(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for rec in records:
+        sweep = rec.get("guidance_sweep")
+        if not sweep:
+            continue
+        for g, fd, acc in zip(sweep["scales"], sweep["fd_evaluator"], sweep["cond_accuracy"]):
+            rows.append({"run": rec["run_id"], "guidance": g, "fd_evaluator": fd, "cond_accuracy": acc,
+                         "chosen": "yes" if g == sweep["chosen_scale"] else ""})
+    return pd.DataFrame(rows)
+
+
 def build_report(config: dict) -> dict:
     results = Path(config["results"])
     records = load_metrics(config)
@@ -115,10 +163,16 @@ def build_report(config: dict) -> dict:
     write_table(transfer, results / "tables" / "transfer_vs_scratch",
                 "Low-res pre-training + transfer vs. from scratch at equal high-res steps")
     plot_curves(records, results / "plots" / "curves.png")
+    if plot_guidance_sweeps(records, results / "plots" / "guidance.png"):
+        write_table(guidance_table(records), results / "tables" / "guidance_sweep",
+                    "Guidance sweep (final weights, first seed)")
     for rec in records:  # per-run curve data for `dvc plots`
         atomic_write_bytes(results / "plots" / "curves" / f"{rec['run_id']}.csv",
                            pd.DataFrame(rec["curve"]).to_csv(index=False).encode())
     summary = {rec["run_id"]: {name: round(stats["mean"], 6) for name, stats in rec["metrics"].items()}
                for rec in records}
+    for rec in records:
+        if rec.get("guidance_sweep"):
+            summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
     atomic_write_json(results / "summary.json", summary)
     return summary

@@ -120,6 +120,17 @@ class Evaluator(nn.Module):
         out = [f.double().cpu().numpy() for f, _ in self._batches(images, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim))
 
+    def features_and_predictions(self, images, batch_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`features` and `predict` from one forward pass (evaluation needs both for every image set)."""
+        feats, out = [], {k: [] for k in self.head_names}
+        for f, logits in self._batches(images, batch_size):
+            feats.append(f.double().cpu().numpy())
+            for k, v in logits.items():
+                out[k].append(v.argmax(1).cpu().numpy())
+        if not feats:
+            return np.zeros((0, self.feature_dim)), {k: np.zeros(0, np.int64) for k in self.head_names}
+        return np.concatenate(feats), {k: np.concatenate(v) for k, v in out.items()}
+
     def predict(self, images, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Arg-max index per head, int64 (N,); names via `self.vocab[head][index]`."""
         out: dict[str, list] = {k: [] for k in self.head_names}
