@@ -42,6 +42,7 @@ __all__ = ["DiT", "DIT_SIZES"]
 # name -> (hidden, depth, heads, patch); XL/2 at latent 32, 4 channels, 1000 classes, learn_sigma: 675M params
 DIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
+    "small": dict(hidden_size=256, depth=6, num_heads=4, patch_size=2),
     "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
     "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
     "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),

@@ -104,7 +104,7 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, D) -> q, k, v each (B, heads, N, head_dim), QK-norm applied."""
-        B, N, D = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v
