@@ -22,8 +22,8 @@ clamped at the border, exact wherever a new token lands on an old one).
 
 Masked training contract (the objective is written against this): ``config["mask_ratio"]`` (default 0.3,
 MDT's) and ``config["mask_ratio_jitter"]`` (default 0.2: MDT draws the batch's ratio uniformly in
-``[mask_ratio, mask_ratio + 0.2]``). ``forward(..., mask_generator=g)`` with ``mask_ratio > 0`` drops
-``int(N * (1 - ratio))``-complement tokens per sample, drawn from ``g`` only (never the global RNG);
+``[mask_ratio, mask_ratio + 0.2]``). ``forward(..., mask_generator=g)`` with ``mask_ratio > 0`` keeps
+``int(N * (1 - ratio))`` random tokens per sample, drawn from ``g`` only (never the global RNG);
 without a generator the full sequence is used (sampling). MDT trains with ``loss_full + loss_masked``:
 the objective adds a second pass with ``mask_generator=generator`` whenever
 ``model.config.get("mask_ratio", 0) > 0``, both losses over all output tokens (as ``train_util.py``).
@@ -45,7 +45,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .conditioning import ControlEmbedder
-from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify
+from .layers import (
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    modulate,
+    sincos_2d,
+    unpatchify,
+)
 
 __all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table"]
 
@@ -69,7 +77,7 @@ def resample_grid_table(table: torch.Tensor, coords_h: torch.Tensor, coords_w: t
     integer indices it returns the stored entries (up to float rounding), so a transfer that lands on old
     positions changes nothing there.
     """
-    H, W, C = table.shape
+    H, W, _ = table.shape
     src = table.permute(2, 0, 1).unsqueeze(0).float()
     gy = coords_h.double().clamp(0, H - 1) * 2 / max(H - 1, 1) - 1
     gx = coords_w.double().clamp(0, W - 1) * 2 / max(W - 1, 1) - 1

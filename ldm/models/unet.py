@@ -34,7 +34,7 @@ from torch import nn
 from .conditioning import ControlEmbedder
 from .layers import LabelEmbedder
 
-__all__ = ["LDMUNet", "UNET_SIZES", "backbone_kwargs"]
+__all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs"]
 
 SEMANTIC_MODES = ("adaln", "attention")
 
