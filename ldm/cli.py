@@ -80,6 +80,9 @@ def cmd_encode(args) -> None:
     _threads(args.threads)
     text = None if args.text_encoder in (None, "none", "null") else args.text_encoder
     rank, world = _rank_world(args)
+    if not 0 <= rank < world:  # a launch mistake, not a bug: one line and exit code 2 like other user errors
+        print(f"ldm encode: error: rank {rank} not in [0, world size {world})", file=sys.stderr)
+        raise SystemExit(2)
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
         import torch
