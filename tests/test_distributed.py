@@ -1,0 +1,71 @@
+"""Two processes (torchrun, gloo, CPU) train the same run as one process with the same global batch.
+
+Each rank takes a contiguous share of the global batch and the random draws are made for the whole batch
+on every rank, so the only difference from one process is DDP's float32 gradient averaging (g0 + g1) / 2
+instead of one mean over all samples: the weights agree to float rounding, amplified a little by Adam.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+from test_train import cache_config, with_steps  # noqa: F401 - the module's latent-cache fixture
+
+from ldm.train import run_dir, train_run
+
+RUN = "dit.synthetic.pretrain.16"
+#: max |w_2proc - w_1proc| after 4 AdamW steps at lr 1e-3: a wrong split (e.g. each rank training on the
+#: whole batch, or on the same share) moves weights by ~lr per step, 100x this
+TOLERANCE = 1e-5
+
+
+def _own_workdir(config: dict, path: Path) -> dict:
+    """Same config and latent cache, separate run directories."""
+    config = json.loads(json.dumps(config))
+    path.mkdir(parents=True)
+    (path / "latents").symlink_to(Path(config["workdir"]) / "latents")
+    config["workdir"] = str(path)
+    return config
+
+
+def test_two_processes_match_one_with_the_same_global_batch(cache_config, tmp_path):  # noqa: F811
+    config = with_steps(cache_config, "pretrain", 4, 2)  # snapshots at steps 2 and 4
+    config["training"].update(batch_size=8, warmup=1, ema=0.5)
+    one = _own_workdir(config, tmp_path / "one")
+    two = _own_workdir(config, tmp_path / "two")
+    train_run(one, RUN, log=lambda *_: None)
+
+    config_path = tmp_path / "two.json"
+    config_path.write_text(json.dumps(two))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # `ldm train` through a two-line driver: torchrun's own parser would take `--run` for its `--run-path`
+    driver = tmp_path / "driver.py"
+    driver.write_text("import sys\nfrom ldm.cli import main\n"
+                      "sys.exit(main(['train', '--config', sys.argv[1], '--run', sys.argv[2]]))\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver), str(config_path), RUN],
+                          capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    records = [json.loads(line) for line in (run_dir(two, RUN) / "log.jsonl").read_text().splitlines()]
+    assert records and all(r["world_size"] == 2 for r in records)
+    state = json.loads((run_dir(two, RUN) / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 4
+    # both ranks wrote their global RNG state into the snapshot
+    assert {p.name for p in (run_dir(two, RUN) / "checkpoints" / "step-0000004").glob("rng-rank*.json")} == \
+        {"rng-rank0.json", "rng-rank1.json"}
+
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = load_file(str(run_dir(one, RUN) / "checkpoints" / "step-0000004" / name))
+        b = load_file(str(run_dir(two, RUN) / "checkpoints" / "step-0000004" / name))
+        assert a.keys() == b.keys()
+        worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+        print(f"{name}: max |2 proc - 1 proc| = {worst:.3g}")
+        limit = TOLERANCE if name != "optimizer.safetensors" else 1e-4 * max(a[k].abs().max().item() for k in a)
+        assert worst <= limit, (name, worst)
+    # and two steps move the weights far more than the tolerance (the comparison is not vacuous)
+    mid = load_file(str(run_dir(one, RUN) / "checkpoints" / "step-0000002" / "model.safetensors"))
+    end = load_file(str(run_dir(one, RUN) / "checkpoints" / "step-0000004" / "model.safetensors"))
+    assert max((mid[k] - end[k]).abs().max().item() for k in mid) > 100 * TOLERANCE
