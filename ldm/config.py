@@ -125,6 +125,7 @@ def validate(config: dict, source: str = "config") -> dict:
                               f"({recipe['objective']}); use one of {', '.join(family)}")
         if recipe["conditioning"] == "text" and full["text_encoder"] in (None, "none"):
             raise ConfigError(f"{source}: recipes.{name}.conditioning: 'text' needs a text_encoder (it is null)")
+    _check_study_refs(full, source)
     res = full["resolutions"]
     if res["low"] > res["high"]:
         raise ConfigError(f"{source}: resolutions.low: {res['low']} is above resolutions.high {res['high']}")
@@ -132,6 +133,36 @@ def validate(config: dict, source: str = "config") -> dict:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     return full
+
+
+def _study_refs(study: dict):
+    """(field, recipe/stage) pairs named anywhere in the `study` section."""
+    for name, abl in study.get("ablations", {}).items():
+        for i, ref in enumerate([abl["baseline"], *abl["variants"]]):
+            yield f"study.ablations.{name}", ref
+    for ref in study.get("efficiency", {}).get("runs", []):
+        yield "study.efficiency.runs", ref
+    for claim, items in study.get("claims", {}).items():
+        for item in items:
+            yield f"study.claims.{claim}", item["baseline"]
+            yield f"study.claims.{claim}", item["variant"]
+
+
+def _check_study_refs(config: dict, source: str) -> None:
+    study = config.get("study") or {}
+    runs = {(r.recipe, r.stage) for r in expand_runs(config)}
+    for field, ref in _study_refs(study):
+        recipe, stage = ref.split("/")
+        if (recipe, stage) not in runs:
+            raise ConfigError(f"{source}: {field}: {ref!r} is not a run of this grid (recipe/stage)")
+    arch = study.get("architectures")
+    if arch:
+        for recipe in arch["recipes"]:
+            if recipe not in config["recipes"]:
+                raise ConfigError(f"{source}: study.architectures.recipes: unknown recipe {recipe!r}")
+        for stage in arch["stages"]:
+            if stage not in config["stages"]:
+                raise ConfigError(f"{source}: study.architectures.stages: unknown stage {stage!r}")
 
 
 def sampler_for(config: dict, recipe: str) -> str:

@@ -17,7 +17,7 @@ def default_raw() -> dict:
     return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "small.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(REPO / "config" / name)
     assert config["training"]["betas"] == [0.9, 0.95]
