@@ -1,5 +1,12 @@
 # Evaluation: an offline evaluator trained on the real prepared images, reference statistics per
 # resolution, samples from every snapshot of a run, metrics with provenance.
+# `ldm sample` also writes the guidance-sweep and size-condition sets (listed in its index.json, sampled
+# only when sampling.guidance_sweep / sampling.size_conditions ask for them; both keys are in the rule's hash).
+
+
+def _local(path):
+    """A configured path that is a file or directory here becomes an input (a hub id does not)."""
+    return [path] if path and Path(path).exists() else []
 
 rule train_evaluator:
     input:
@@ -51,6 +58,8 @@ rule evaluate:
         samples=f"{W}/runs/{{run}}/samples/index.json",
         evaluator=f"{W}/evaluator/config.json",
         reference=lambda w: f"{W}/reference/{DATASET}/r{RUNS[w.run].resolution}.npz",
+        fid_reference=_local(CFG["evaluation"]["reference_stats"]),
+        clip=_local(CFG["evaluation"]["clip_model"]),
     output:
         f"{R}/metrics/{{run}}.json",
     params:

@@ -1,4 +1,5 @@
-# Report: comparison tables (md + csv), metric-vs-step curves and sample grids from the metrics JSONs.
+# Report: comparison tables (md + csv), metric-vs-step curves and sample grids from the metrics JSONs;
+# with a guidance sweep configured, the combined sweep figure and table too.
 
 rule report:
     input:
@@ -6,6 +7,7 @@ rule report:
     output:
         f"{R}/summary.json",
         f"{R}/tables/runs.md",
+        [f"{R}/plots/guidance.png", f"{R}/tables/guidance_sweep.md"] if CFG["sampling"]["guidance_sweep"] else [],
     params:
         h=digest([CFG["name"], list(RUNS)]),
     log:
