@@ -7,6 +7,11 @@ set goes through the evaluator once (features and predicted classes together). W
 guidance sweep, fd_evaluator and cond_accuracy are computed per scale and the scale with the lowest
 fd_evaluator is recorded as `guidance_sweep.chosen_scale`. A metric that cannot be computed here (CLIP not
 available offline) is skipped with a one-line reason, logged and kept under `skipped`.
+
+Reference statistics: `fd_evaluator` always uses the evaluator-feature statistics of the prepared real
+images (`reference-stats`); `evaluation.reference_stats` (a mu/sigma .npz such as an ADM reference batch)
+replaces the real images only for the Inception protocols `fid_clean` / `fid_legacy_tf`, and the record's
+`fid_reference` names it by path and sha256.
 """
 from __future__ import annotations
 

@@ -157,3 +157,13 @@ def test_text_recipes_refused_with_one_line(scenario):
     with pytest.raises(Exception, match="text-conditional recipes .* not built yet"):
         generate_mod.sample_run(config, RUN, log=lambda *_: None)
     shutil.rmtree(Path(config["workdir"]) / "runs" / RUN / "samples", ignore_errors=True)
+
+
+def test_fid_reference_identity_from_an_existing_npz(scenario, tmp_path):
+    config, _ = scenario
+    assert evaluate_mod._fid_reference(config, 32)["source"] == "prepared images"
+    adm = tmp_path / "VIRTUAL_imagenet256_ref.npz"  # an ADM-style batch: plain mu/sigma, no meta
+    np.savez(adm, mu=np.zeros(4), sigma=np.eye(4))
+    config["evaluation"]["reference_stats"] = str(adm)
+    ref = evaluate_mod._fid_reference(config, 32)
+    assert ref["source"] == "statistics file" and ref["file"] == str(adm) and len(ref["sha256"]) == 64
