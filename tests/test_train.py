@@ -3,6 +3,7 @@
 Runs on a real (tiny) latent cache made by the pipeline's own stages from 48 synthetic images.
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,7 +18,13 @@ import yaml
 from safetensors.torch import load_file
 
 from ldm.config import validate
-from ldm.train import PREEMPTED_EXIT_CODE, _next_batch, list_snapshots, run_dir, train_run
+from ldm.train import (
+    PREEMPTED_EXIT_CODE,
+    _next_batch,
+    list_snapshots,
+    run_dir,
+    train_run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,3 +183,229 @@ def test_sigterm_snapshots_and_exits_with_the_documented_code(cache_config, tmp_
     messages = []
     train_run(config, run, log=messages.append)
     assert any(f"(step {stopped_at})" in m for m in messages)
+
+
+# --- schedule, accumulation, resume checkpoints, non-finite skips, precision, recipe keys --------------
+
+def _run_config(cache_config, steps, snapshots, **training):
+    config = with_steps(cache_config, "pretrain", steps, snapshots)
+    config["training"].update(training)
+    return config
+
+
+def _fresh(config, run="dit.synthetic.pretrain.16"):
+    shutil.rmtree(run_dir(config, run), ignore_errors=True)
+    return run
+
+
+def _state(path: Path) -> dict:
+    return {name: _weights(path / name) for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")}
+
+
+def _assert_same_state(a: dict, b: dict, what=""):
+    for name, tensors in a.items():
+        assert tensors.keys() == b[name].keys(), (what, name)
+        assert all(torch.equal(tensors[k], b[name][k]) for k in tensors), (what, name)
+
+
+def test_cosine_lr_matches_the_closed_form():
+    import math
+
+    from ldm.train import lr_at
+
+    base, warmup, total, floor = 2e-3, 4, 20, 0.1
+    for step in range(total):
+        got = lr_at(step, base, warmup, "cosine", total, floor)
+        if step < warmup:
+            want = base * (step + 1) / warmup
+        else:
+            p = (step - warmup) / (total - warmup)
+            want = base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+        assert got == pytest.approx(want, rel=1e-12), step
+    assert lr_at(warmup, base, warmup, "cosine", total, floor) == pytest.approx(base)
+    assert lr_at(total, base, warmup, "cosine", total, floor) == pytest.approx(base * floor)  # p clamps at 1
+    assert lr_at(10, base, warmup, "constant", total, floor) == base
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        lr_at(10, base, warmup, "linear", total)
+
+
+def test_the_loop_sets_the_cosine_lr_of_each_step(cache_config):
+    from ldm.train import lr_at
+
+    config = _run_config(cache_config, 6, 1, lr_schedule="cosine", min_lr_ratio=0.2, warmup=2,
+                         checkpoint_every=1, keep_last=10)
+    run = _fresh(config)
+    train_run(config, run, log=lambda *_: None)
+    out = run_dir(config, run)
+    for snap in list_snapshots(out / "resume") + list_snapshots(out / "checkpoints"):
+        state = json.loads((snap / "state.json").read_text())
+        step = state["step"]  # the lr of the last update made, at index step - 1
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr_at(step - 1, 1e-3, 2, "cosine", 6, 0.2))
+
+
+def test_resume_checkpoints_keep_the_last_k_and_never_evaluated_snapshots(cache_config):
+    config = _run_config(cache_config, 9, 2, checkpoint_every=2, keep_last=2)  # evaluated at 4 (round 4.5) and 9
+    run = _fresh(config)
+    train_run(config, run, log=lambda *_: None)
+    out = run_dir(config, run)
+    steps = lambda d: [int(p.name.split("-")[1]) for p in list_snapshots(out / d)]
+    assert steps("checkpoints") == [4, 9]
+    assert steps("resume") == [6, 8]  # 2 was pruned; 4 is an evaluated snapshot, not a resume checkpoint
+    assert not list(out.glob("*/.tmp-*"))
+
+
+def _failing_objective(monkeypatch, fail_calls, error=None):
+    """Wrap the run's objective: micro-step calls in `fail_calls` return NaN, or raise `error` (a kill)."""
+    import ldm.train as train_module
+
+    real = train_module.build_run_objective
+    calls = {"n": 0}
+
+    def build(config, run_id):
+        objective = real(config, run_id)
+        loss = objective.loss
+
+        def wrapped(*args, **kwargs):
+            n = calls["n"]
+            calls["n"] += 1
+            if n in fail_calls:
+                if error is not None:
+                    raise error
+                return loss(*args, **kwargs) * float("nan")
+            return loss(*args, **kwargs)
+
+        objective.loss = wrapped
+        return objective
+
+    monkeypatch.setattr(train_module, "build_run_objective", build)
+    return calls
+
+
+def test_nonfinite_losses_are_skipped_up_to_the_bound(cache_config, monkeypatch):
+    from ldm.train import NonFiniteLossError
+
+    config = _run_config(cache_config, 5, 1, max_nonfinite_skips=2, checkpoint_every=1, keep_last=10)
+    run = _fresh(config)
+    _failing_objective(monkeypatch, {1, 3})  # steps 1 and 3 (0-based) are NaN
+    messages = []
+    train_run(config, run, log=messages.append)
+    out = run_dir(config, run)
+    assert sum("update skipped" in m for m in messages) == 2
+    # a skipped step changes nothing but the data position and the draws
+    _assert_same_state(_state(out / "resume" / "step-0000001"), _state(out / "resume" / "step-0000002"), "skip")
+    assert json.loads((out / "checkpoints" / "step-0000005" / "state.json").read_text())["nonfinite_skips"] == 2
+    assert all(torch.isfinite(v).all() for v in _weights(out / "final.safetensors").values())
+    # one more than the bound stops with the clear error, and the last good snapshot stays
+    monkeypatch.undo()
+    run = _fresh(config)
+    _failing_objective(monkeypatch, {0, 1, 2})
+    with pytest.raises(NonFiniteLossError, match=r"after 2 skipped non-finite step\(s\) \(max_nonfinite_skips=2\)"):
+        train_run(config, run, log=lambda *_: None)
+    assert [p.name for p in list_snapshots(run_dir(config, run) / "resume")] == ["step-0000001", "step-0000002"]
+
+
+def test_resume_is_bit_exact_with_grad_accumulation_at_several_kill_points(cache_config, monkeypatch):
+    """A kill after k micro-steps (k odd: inside an accumulation) leaves the last checkpoint; resuming
+    replays the lost micro-steps and ends bit-identical to the straight run."""
+    config = _run_config(cache_config, 6, 2, grad_accum=2, checkpoint_every=2, keep_last=5)
+    run = _fresh(config)
+    train_run(config, run, log=lambda *_: None)
+    out = run_dir(config, run)
+    reference, final = _state(out / "checkpoints" / "step-0000006"), _weights(out / "final.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    for kill_at in (3, 5, 8, 11):  # micro-steps done before the kill; steps = kill_at // 2 (+ half a step)
+        run = _fresh(config)
+        calls = _failing_objective(monkeypatch, {kill_at}, error=Killed())
+        with pytest.raises(Killed):
+            train_run(config, run, log=lambda *_: None)
+        assert calls["n"] == kill_at + 1
+        monkeypatch.undo()
+        messages = []
+        train_run(config, run, log=messages.append)
+        assert any("resuming" in m for m in messages) == (kill_at >= 4), (kill_at, messages)
+        _assert_same_state(_state(out / "checkpoints" / "step-0000006"), reference, kill_at)
+        again = _weights(out / "final.safetensors")
+        assert all(torch.equal(again[k], final[k]) for k in final), kill_at
+
+
+def test_sigkill_during_accumulated_training_resumes_bit_exact(cache_config, tmp_path):
+    """A real SIGKILL of `ldm train` soon after its first resume checkpoint (2 micro-batches per step)."""
+    run = "dit.synthetic.pretrain.16"
+    steps = 60
+    config = _run_config(cache_config, steps, 1, grad_accum=2, checkpoint_every=5, keep_last=2)
+    straight = json.loads(json.dumps(config))
+    straight["workdir"] = str(tmp_path / "straight")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "straight" / "latents").symlink_to(Path(config["workdir"]) / "latents")
+    _fresh(config, run)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ldm.cli", "train", "--config", str(config_path), "--run", run],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    resume = run_dir(config, run) / "resume"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list_snapshots(resume):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not (run_dir(config, run) / "final.safetensors").exists(), "finished before the kill: raise `steps`"
+    killed_at = int(list_snapshots(resume)[-1].name.split("-")[1])
+    messages = []
+    train_run(config, run, log=messages.append)
+    assert any(f"(step {killed_at})" in m for m in messages)
+    train_run(straight, run, log=lambda *_: None)
+    name = f"step-{steps:07d}"
+    _assert_same_state(_state(run_dir(config, run) / "checkpoints" / name),
+                       _state(run_dir(straight, run) / "checkpoints" / name), killed_at)
+
+
+def test_grad_accumulation_matches_one_big_batch(cache_config):
+    """Micro-batches of batch_size / grad_accum give the same update as one batch, to float rounding."""
+    finals = []
+    for accum in (1, 4):
+        config = _run_config(cache_config, 3, 1, grad_accum=accum)
+        run = _fresh(config)
+        train_run(config, run, log=lambda *_: None)
+        finals.append(_weights(run_dir(config, run) / "checkpoints" / "step-0000003" / "model.safetensors"))
+    worst = max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[0])
+    assert worst < 1e-5  # not bitwise (different summation order), but the same update
+    bad = _run_config(cache_config, 3, 1, grad_accum=3)
+    with pytest.raises(Exception, match="not divisible"):
+        train_run(bad, _fresh(bad), log=lambda *_: None)
+
+
+def test_bf16_autocast_trains_fp32_weights(cache_config):
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config = _run_config(cache_config, 2, 1, precision=precision)
+        run = _fresh(config)
+        train_run(config, run, log=lambda *_: None)
+        results[precision] = _weights(run_dir(config, run) / "checkpoints" / "step-0000002" / "model.safetensors")
+        log = json.loads((run_dir(config, run) / "log.jsonl").read_text().splitlines()[-1])
+        assert math.isfinite(log["loss"])
+    assert all(v.dtype == torch.float32 for v in results["bf16"].values())  # master weights stay fp32
+    assert any(not torch.equal(results["fp32"][k], results["bf16"][k]) for k in results["fp32"])  # autocast ran
+
+
+def test_build_run_model_passes_only_non_default_recipe_keys(cache_config):
+    from ldm.config import ConfigError
+    from ldm.train import build_run_model
+
+    config = json.loads(json.dumps(cache_config))
+    run = "dit.synthetic.pretrain.16"
+    plain = build_run_model(config, run, (4, 4, 4), 3)
+    recipe = config["recipes"]["dit"]
+    recipe.update(qk_norm=True, control="disentangled", control_exponents={"crop": 2.0}, options={"learn_sigma": True})
+    model = build_run_model(config, run, (4, 4, 4), 3)
+    assert model.config["qk_norm"] and not plain.config["qk_norm"]
+    assert model.config["control_exponents"] == {"crop": 2.0} and model.config["learn_sigma"]
+    assert model.out_channels == 8 and plain.out_channels == 4
+    recipe.update(conditioning="text")
+    with pytest.raises(ConfigError, match="no text states"):
+        build_run_model(config, run, (4, 4, 4), 3)
