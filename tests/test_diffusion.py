@@ -1,10 +1,17 @@
 """Objective and sampler tests: closed forms, oracle models, seed invariance, guidance algebra."""
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from ldm.diffusion import DDPMObjective, RectifiedFlowObjective, build_objective, shift_flow_time
+from ldm.diffusion import (
+    DDPMObjective,
+    RectifiedFlowObjective,
+    build_objective,
+    shift_flow_time,
+)
 from ldm.models.dit import DiT
 from ldm.sampling import guided_prediction, sample_latents
 
@@ -94,7 +101,7 @@ def test_flow_shift_closed_form():
     assert s[0] == 0 and s[-1] == 1 and (s >= t).all()
     # same invariant as the VP shift: SNR = ((1 - t) / t)^2 drops by shift^2 at every t
     inner = slice(1, -1)
-    snr = lambda u: ((1 - u[inner]) / u[inner]) ** 2  # noqa: E731
+    snr = lambda u: ((1 - u[inner]) / u[inner]) ** 2
     assert torch.allclose(snr(s) / snr(t), torch.full_like(t[inner], 1 / 9))
 
 
@@ -204,3 +211,131 @@ def test_sampler_validation():
     with pytest.raises(ValueError, match="one seed per image"):
         sample_latents(Recorder(lambda x, t: x), DDPMObjective(), torch.tensor([0, 1]), None,
                        latent_shape=(4, 8, 8), steps=2, guidance_semantic=1.0, seeds=[0], batch_size=1)
+
+
+# --- cosine betas, learned-sigma VLB term, MDT masked pass -----------------------------------------------
+
+def test_cosine_betas_closed_form():
+    """Nichol & Dhariwal: abar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, betas capped at 0.999."""
+    import math
+
+    obj = DDPMObjective(beta_schedule="cosine")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(1000)], dtype=torch.float64)
+    assert torch.allclose(obj.betas.double(), betas, rtol=1e-5, atol=1e-7)
+    assert torch.equal(obj.betas, DDPMObjective(beta_schedule="squaredcos_cap_v2").betas)
+
+
+def _posterior_reference(t: torch.Tensor):
+    """Float64 posterior q(x_{t-1} | x_t, x0) coefficients and variance of the linear schedule, from scratch."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    c1 = betas * ab_prev.sqrt() / (1 - ab)
+    c2 = (1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)
+    var = betas * (1 - ab_prev) / (1 - ab)
+    view = lambda a: a[t].view(-1, 1, 1, 1)
+    return view(ab), view(c1), view(c2), view(var), view(betas)
+
+
+def test_vlb_term_equals_a_direct_gaussian_kl():
+    from torch.distributions import Normal, kl_divergence
+
+    obj = DDPMObjective()
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([1, 2, 10, 300, 999])
+    x0 = torch.randn(5, 4, 4, 4, generator=g).double()
+    eps_true, eps_pred = torch.randn(5, 4, 4, 4, generator=g).double(), torch.randn(5, 4, 4, 4, generator=g).double()
+    v = torch.rand(5, 4, 4, 4, generator=g).double() * 2 - 1
+    ab, c1, c2, var, beta = _posterior_reference(t)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps_true
+    pred_x0 = (x_t - (1 - ab).sqrt() * eps_pred) / ab.sqrt()
+    model_var = torch.exp((v + 1) / 2 * beta.log() + (1 - v) / 2 * var.log())
+    kl = kl_divergence(Normal(c1 * x0 + c2 * x_t, var.sqrt()), Normal(c1 * pred_x0 + c2 * x_t, model_var.sqrt()))
+    want = kl.mean(dim=(1, 2, 3)) / math.log(2)
+    got = obj.vb_terms(x0.float(), x_t.float(), t, torch.cat([eps_pred, v], 1).float())
+    assert torch.allclose(got.double(), want, rtol=2e-3, atol=1e-5)
+    # the model's log-variance is diffusers' "learned_range" interpolation
+    sched = DDPMScheduler(variance_type="learned_range")
+    for i, step in enumerate(t.tolist()):
+        ref = sched._get_variance(step, predicted_variance=v[i].float())
+        assert torch.allclose(ref.double(), model_var[i].log(), rtol=1e-4, atol=1e-4)
+
+
+def test_vlb_term_at_t0_is_the_discretized_decoder_nll():
+    from torch.distributions import Normal
+
+    obj = DDPMObjective()
+    g = torch.Generator().manual_seed(1)
+    t = torch.zeros(3, dtype=torch.long)
+    x0 = (torch.rand(3, 4, 4, 4, generator=g) * 1.6 - 0.8)  # inside (-0.999, 0.999): the middle bins
+    eps, v = torch.randn(3, 4, 4, 4, generator=g), torch.rand(3, 4, 4, 4, generator=g) * 2 - 1
+    *_, var, _ = _posterior_reference(torch.ones(3, dtype=torch.long))  # t = 0 uses the clipped variance (t = 1)
+    ab0 = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[0]
+    x_t = ab0.sqrt() * x0.double() + (1 - ab0).sqrt() * torch.randn(3, 4, 4, 4, generator=g).double()
+    beta0 = torch.tensor(1e-4, dtype=torch.float64)
+    pred_x0 = (x_t - (1 - ab0).sqrt() * eps.double()) / ab0.sqrt()  # the posterior mean at t = 0 is pred_x0
+    std = torch.exp(0.5 * ((v.double() + 1) / 2 * beta0.log() + (1 - v.double()) / 2 * var.log()))
+    dist = Normal(pred_x0, std)
+    want = -torch.log(dist.cdf(x0.double() + 1 / 255) - dist.cdf(x0.double() - 1 / 255)).mean(dim=(1, 2, 3)) / math.log(2)
+    got = obj.vb_terms(x0, x_t.float(), t, torch.cat([eps, v], 1))
+    assert torch.allclose(got.double(), want, rtol=1e-3)
+
+
+def test_vlb_trains_only_the_sigma_head_and_mse_only_the_eps_head():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eps = nn.Parameter(torch.full((1, 4, 1, 1), 0.3))
+            self.v = nn.Parameter(torch.full((1, 4, 1, 1), 0.2))
+
+        def forward(self, x, t, **_):
+            return torch.cat([self.eps.expand_as(x), self.v.expand_as(x)], 1)
+
+    obj = DDPMObjective()
+    x0 = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    model = Heads()
+    obj.loss(model, x0, {}, torch.Generator().manual_seed(3)).mean().backward()
+    assert model.v.grad.abs().sum() > 0  # the sigma head learns (DiT's learn_sigma)
+    eps_grad = model.eps.grad.clone()
+    model.zero_grad()
+    g = torch.Generator().manual_seed(3)
+    _, noise = obj.draw(x0.shape, g)
+    mse = ((model.eps.expand_as(x0) - noise) ** 2).mean(dim=(1, 2, 3))
+    mse.mean().backward()
+    assert torch.allclose(eps_grad, model.eps.grad, rtol=1e-5)  # the VLB sees eps detached
+    assert obj.vlb_weight == pytest.approx(1.0)  # lambda 0.001 x T 1000
+
+
+class MaskedRecorder(nn.Module):
+    """An mDT stand-in: config mask_ratio > 0, records whether each pass got a mask generator."""
+
+    def __init__(self, mask_ratio=0.3):
+        super().__init__()
+        self.config = {"mask_ratio": mask_ratio}
+        self.calls = []
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, class_labels=None, mask_generator=None):
+        self.calls.append((x.clone(), mask_generator))
+        bias = 0.0 if mask_generator is None else torch.rand((), generator=mask_generator)
+        return self.w * x + bias
+
+
+@pytest.mark.parametrize("objective", [DDPMObjective(), RectifiedFlowObjective()])
+def test_mdt_masked_pass_in_training_mode_only(objective):
+    x0 = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    model = MaskedRecorder().train()
+    mask_gen = torch.Generator().manual_seed(5)
+    loss = objective.loss(model, x0, {"class_labels": None}, mask_gen)
+    assert len(model.calls) == 2 and model.calls[0][1] is None and model.calls[1][1] is mask_gen
+    assert torch.equal(model.calls[0][0], model.calls[1][0])  # both passes see the same x_t
+    # loss = loss_full + loss_masked, each recomputed by hand from the recorded passes
+    draws = objective.draw(x0.shape, torch.Generator().manual_seed(5))
+    plain = MaskedRecorder(mask_ratio=0.0)
+    full = objective.loss(plain, x0, {"class_labels": None}, None, draws=draws)
+    assert len(plain.calls) == 1 and (loss > full).all()
+    model.eval()
+    model.calls.clear()
+    objective.loss(model, x0, {"class_labels": None}, torch.Generator().manual_seed(5))
+    assert len(model.calls) == 1
