@@ -409,3 +409,75 @@ def test_build_run_model_passes_only_non_default_recipe_keys(cache_config):
     recipe.update(conditioning="text")
     with pytest.raises(ConfigError, match="no text states"):
         build_run_model(config, run, (4, 4, 4), 3)
+
+
+def _with_recipe(config, name, **recipe):
+    from ldm.config import RECIPE_DEFAULTS, merge
+
+    config = json.loads(json.dumps(config))
+    config["recipes"] = {name: merge(RECIPE_DEFAULTS, recipe)}
+    return config
+
+
+def _recording_objective(monkeypatch):
+    """Record the model kwargs of every micro-step the loop hands to the objective."""
+    import ldm.train as train_module
+
+    real, seen = train_module.build_run_objective, []
+
+    def build(config, run_id):
+        objective = real(config, run_id)
+        loss = objective.loss
+
+        def wrapped(model, x0, kwargs, generator, draws=None):
+            seen.append((dict(kwargs), generator))
+            return loss(model, x0, kwargs, generator, draws=draws)
+
+        objective.loss = wrapped
+        return objective
+
+    monkeypatch.setattr(train_module, "build_run_objective", build)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def text_config(cache_config, tmp_path_factory):
+    """The 16 px cache again, with MiniLM caption states."""
+    from ldm.latents import encode_latents
+
+    work = Path(cache_config["workdir"])
+    text_work = tmp_path_factory.mktemp("text")
+    encode_latents(work / "prepared" / "r16", str(work / "vae"), text_work / "latents" / "synthetic" / "r16",
+                   text_encoder="minilm", shard_size=20)
+    config = json.loads(json.dumps(cache_config))
+    config["workdir"] = str(text_work)
+    return config
+
+
+def test_text_conditional_training_feeds_padded_captions(text_config, monkeypatch):
+    from ldm.latents import LatentDataset
+
+    dim = LatentDataset(Path(text_config["workdir"]) / "latents" / "synthetic" / "r16").manifest["text_encoder"]["dim"]
+    for dropout, padding in ((1.0, "zero_mask"), (0.0, "noisy_replicate")):
+        config = _with_recipe(with_steps(text_config, "pretrain", 2, 1), "pt", arch="pixart", size="tiny",
+                              conditioning="text", text_padding=padding, class_dropout=dropout)
+        run = _fresh(config, "pt.synthetic.pretrain.16")
+        seen = _recording_objective(monkeypatch)
+        train_run(config, run, log=lambda *_: None)
+        monkeypatch.undo()
+        state = json.loads((run_dir(config, run) / "checkpoints" / "step-0000002" / "state.json").read_text())
+        assert state["model_config"]["text_dim"] == dim
+        kwargs = seen[0][0]
+        assert "class_labels" not in kwargs and kwargs["text"].shape[-1] == dim
+        assert ("text_mask" in kwargs) == (padding == "zero_mask")  # a mask only where padding is masked out
+        assert torch.equal(kwargs["text_keep"], torch.full_like(kwargs["text_keep"], 1.0 - dropout))
+
+
+def test_mdt_trains_with_a_masked_second_pass(cache_config, monkeypatch):
+    config = _with_recipe(_run_config(cache_config, 2, 1, grad_accum=2), "m", arch="mdt", size="tiny")
+    run = _fresh(config, "m.synthetic.pretrain.16")
+    seen = _recording_objective(monkeypatch)
+    train_run(config, run, log=lambda *_: None)
+    assert len(seen) == 4 and all(isinstance(gen, torch.Generator) for _, gen in seen)  # 2 steps x 2 micro-batches
+    log = json.loads((run_dir(config, run) / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(log["loss"])
