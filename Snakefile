@@ -1,90 +1,55 @@
 # ldm-recipes: dataset -> latents -> low-res pre-training -> high-res transfer -> samples -> metrics -> report.
 # `snakemake --cores 2` runs the embedded default (config/default.yaml); `--configfile` picks another scenario.
-# The config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
-import json
-import sys
-from pathlib import Path
-
+# A config with `scenarios:` (config/paper.yaml) is a study of several scenarios (e.g. ImageNet and CC12M):
+# each one runs as a Snakemake module with its rules prefixed `<scenario>_`, and a stage may start from
+# another scenario's checkpoint (dataset transfer), which links their DAGs through that file.
+# Every config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
 import yaml
 
-from ldm.config import (ConfigError, data_section, digest, eval_section, expand_runs, job_resources, launcher, merge,
-                        run_section, validate)
+from ldm.config import ConfigError, expand_runs, merge, study_scenarios
 
 # No `configfile:` directive: Snakemake would deep-merge it under a --configfile, leaking the default's
 # recipes into every other scenario. Without --configfile the embedded default is used (plus --config).
-if "name" not in config:
+if "name" not in config and "scenarios" not in config:
     _overrides = dict(config)
     config.clear()
     config.update(merge(yaml.safe_load(open(workflow.source_path("config/default.yaml"))), _overrides))
 
+SOURCE = ", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or [])) or "config/default.yaml"
 try:
-    CFG = validate(config, source=", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or []))
-                   or "config/default.yaml")
+    SCENARIOS = study_scenarios(config, SOURCE)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
-W = CFG["workdir"]
-R = CFG["results"]
-DATASET = CFG["dataset"]["name"]
-RUNS = {run.run_id: run for run in expand_runs(CFG)}
-LDM = f"{sys.executable} -m ldm.cli"
 
-# Every job reads the validated config from one JSON file; it is rewritten only when its content changes,
-# and each rule's `params` carry a hash of exactly the config slice it depends on, so editing one
-# recipe reruns that recipe's jobs and nothing else.
-CONFIG_JSON = Path(W) / "config.json"
-_text = json.dumps(CFG, indent=2, sort_keys=True)
-if not CONFIG_JSON.exists() or CONFIG_JSON.read_text() != _text:
-    CONFIG_JSON.parent.mkdir(parents=True, exist_ok=True)
-    CONFIG_JSON.write_text(_text)
+def _targets(cfg, kind):
+    """Files that make a scenario complete: its report (`all`) or its metrics (`metrics`), plus checkpoints."""
+    runs = [r.run_id for r in expand_runs(cfg)]
+    done = [f"{cfg['results']}/summary.json"] if kind == "all" else [f"{cfg['results']}/metrics/{r}.json" for r in runs]
+    return done + [f"{cfg['workdir']}/runs/{r}/final.safetensors" for r in runs]
 
 
-def slurm_resources(rule, run=None):
-    """Snakemake resources of a job from the config (`resources.default` < `resources.<rule>` < stage);
-    the SLURM executor maps them to sbatch options, a local `--cores` run only uses them for scheduling."""
-    res = job_resources(CFG, rule, run)
-    out = {"runtime": res["runtime"], "mem_mb": res["mem_mb"], "cpus_per_task": res["cpus"],
-           "nodes": res["nodes"], "gpu": res["gpus"]}
-    out.update({k: res[k] for k in ("gpu_model", "slurm_partition", "slurm_extra") if k in res})
-    return out
+if SCENARIOS is None:
+    # `include:` never sets the default target; the scenario's `all` must be it
+    workflow.include("workflow/scenario.smk", overwrite_default_target=True)
+else:
 
+    rule all:
+        """Every scenario of the study trained, evaluated and reported."""
+        input:
+            [f for cfg in SCENARIOS.values() for f in _targets(cfg, "all")],
 
-def rule_resources(rule):
-    """`resources:` keywords for a rule whose jobs all share one setting."""
-    return slurm_resources(rule)
+    rule metrics:
+        """Every scenario's metrics JSONs (the DVC `pipeline` stage)."""
+        input:
+            [f for cfg in SCENARIOS.values() for f in _targets(cfg, "metrics")],
 
+    for scenario, scenario_config in SCENARIOS.items():
+        rule_prefix = f"{scenario}_"
 
-def run_resources(key):
-    """One resource of a training run, as a per-job callable (stages differ)."""
-    return lambda wildcards: slurm_resources("train", wildcards.run)[key]
+        module:
+            name: scenario
+            snakefile: "workflow/scenario.smk"
+            config: scenario_config
 
-
-wildcard_constraints:
-    run="|".join(r.replace(".", r"\.") for r in RUNS),
-    res=r"\d+",
-
-
-# Each run's final checkpoint is a target too, not only an intermediate: Snakemake does not rebuild a
-# deleted intermediate whose consumers are up to date, and a deleted checkpoint must be retrained (from its
-# last snapshot) with everything downstream of it.
-CHECKPOINTS = expand(f"{W}/runs/{{run}}/final.safetensors", run=RUNS)
-
-
-rule all:
-    """The default target: every run trained, evaluated and reported."""
-    input:
-        f"{R}/summary.json",
-        CHECKPOINTS,
-
-
-rule metrics:
-    """Every run's metrics JSON: the DVC `pipeline` stage stops here; `report` is DVC's second stage."""
-    input:
-        expand(f"{R}/metrics/{{run}}.json", run=RUNS),
-        CHECKPOINTS,
-
-
-include: "workflow/rules/data.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/report.smk"
+        use rule * from scenario as rule_prefix*

@@ -201,6 +201,36 @@ def launcher(resources: dict, python: str) -> str:
     return python
 
 
+def study_scenarios(config: dict, source: str = "config") -> dict[str, dict] | None:
+    """A study config (`scenarios:` name -> inline config or YAML path) -> validated scenario configs;
+    a plain scenario config is validated and gives None. Scenarios must not share work or results dirs."""
+    if "scenarios" not in config:
+        validate(config, source=source)
+        return None
+    extra = sorted(set(config) - {"name", "description", "scenarios"})
+    if extra:
+        raise ConfigError(f"{source}: {', '.join(extra)}: unknown key in a study config "
+                          "(allowed: name, description, scenarios)")
+    if not isinstance(config["scenarios"], dict) or not config["scenarios"]:
+        raise ConfigError(f"{source}: scenarios: must map scenario names to configs")
+    out: dict[str, dict] = {}
+    for name, spec in config["scenarios"].items():
+        where = f"{source}: scenarios.{name}"
+        if isinstance(spec, str):
+            out[name] = load_config(spec)
+        elif isinstance(spec, dict):
+            out[name] = validate(spec, source=where)
+        else:
+            raise ConfigError(f"{where}: must be a config mapping or a path to one")
+    for key in ("workdir", "results"):
+        seen: dict[str, str] = {}
+        for name, cfg in out.items():
+            if cfg[key] in seen:
+                raise ConfigError(f"{source}: scenarios.{name}.{key}: {cfg[key]!r} is also used by {seen[cfg[key]]!r}")
+            seen[cfg[key]] = name
+    return out
+
+
 def load_config(path: str | Path) -> dict:
     """Read and validate a YAML/JSON config file."""
     path = Path(path)

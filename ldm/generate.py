@@ -65,9 +65,6 @@ def _save_shard(path: Path, tensors: dict) -> None:
 def sample_run(config: dict, run_id: str, log=print) -> Path:
     run = get_run(config, run_id)
     recipe, scfg = config["recipes"][run.recipe], config["sampling"]
-    if recipe.get("conditioning", "class") == "text":
-        raise ConfigError(f"recipes.{run.recipe}.conditioning: sampling text-conditional recipes (captions at "
-                          "sampling time) is not built yet; `ldm sample` handles class-conditional recipes")
     out = run_dir(config, run_id) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     cache = LatentDataset(latents_dir(config, run.resolution), verify=False)
@@ -83,9 +80,14 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
     sampler = sampler_for(config, run.recipe)
 
     uses_control = recipe.get("control", "additive") != "none"
+    text, text_mask = None, None
+    if recipe.get("conditioning", "class") == "text":
+        text, text_mask = sampling_captions(cache, labels, recipe, seed=config["seed"])
 
     def draw(seed: int, guidance: float, ctrl: torch.Tensor) -> torch.Tensor:
-        latents = sample_latents(model, objective, labels, ctrl if uses_control else None, latent_shape=latent_shape, steps=scfg["steps"],
+        latents = sample_latents(model, objective, None if text is not None else labels,
+                                 ctrl if uses_control else None, text=text, text_mask=text_mask,
+                                 latent_shape=latent_shape, steps=scfg["steps"],
                                  guidance_semantic=guidance, guidance_control=scfg["guidance_control"],
                                  guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
                                  batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH)
@@ -144,6 +146,29 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
         if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
             (out / stale).unlink()
     return out / "index.json"
+
+
+def sampling_captions(cache: LatentDataset, labels: torch.Tensor, recipe: dict, seed: int):
+    """Caption states for text-conditional sampling: image i gets the (i // K)-th cached caption of its
+    class (cache order, cycling), so captions are class-balanced like the labels, fixed across seeds and
+    snapshots, and cond_accuracy still has a class to check. Padded as the recipe trains (the noise of
+    noisy_replicate from a fixed generator, so every sampling seed sees the same captions)."""
+    from .text import pad_tokens
+
+    data = cache.tensors()
+    if "text_emb" not in data:
+        raise ConfigError(f"{cache.dir}: text-conditional sampling needs caption states in the latent cache "
+                          "(it was encoded without a text encoder)")
+    by_class = [torch.nonzero(data["label"] == c).flatten() for c in range(len(cache.classes))]
+    empty = [cache.classes[c] for c, rows in enumerate(by_class) if len(rows) == 0]
+    if empty:
+        raise ConfigError(f"{cache.dir}: no cached caption of class(es) {empty} to condition on")
+    K = len(cache.classes)
+    rows = torch.stack([by_class[int(c)][(i // K) % len(by_class[int(c)])] for i, c in enumerate(labels)])
+    mode = recipe.get("text_padding", "noisy_replicate")
+    states, mask = pad_tokens(data["text_emb"][rows].float(), data["text_len"][rows], mode=mode,
+                              sigma=recipe.get("text_pad_sigma", 0.1), generator=torch.Generator().manual_seed(seed))
+    return states, (mask if mode == "zero_mask" else None)
 
 
 def _latent_shape(cache: LatentDataset) -> tuple[int, int, int]:

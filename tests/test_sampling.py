@@ -125,3 +125,38 @@ def test_text_model_guidance_drops_the_caption_not_a_class():
     with pytest.raises(ValueError, match="class_labels .* or text"):
         sample_latents(Counter(), RectifiedFlowObjective(), None, None, latent_shape=(4, 8, 8), steps=2,
                        guidance_semantic=2.0, seeds=[0], batch_size=1)
+
+
+class _Cache:
+    """The three things `sampling_captions` reads from a LatentDataset."""
+
+    def __init__(self, labels, lengths, dim=6, length=5):
+        self.dir = "cache"
+        self.classes = ["a", "b"]
+        states = torch.arange(len(labels) * length * dim, dtype=torch.float32).reshape(len(labels), length, dim)
+        self._data = {"label": torch.tensor(labels), "text_len": torch.tensor(lengths), "text_emb": states.half()}
+
+    def tensors(self):
+        return self._data
+
+
+def test_sampling_captions_are_class_balanced_fixed_and_padded_as_trained():
+    from ldm.generate import sampling_captions
+
+    cache = _Cache(labels=[1, 0, 1, 0, 1], lengths=[2, 3, 1, 5, 2])
+    labels = torch.arange(6) % 2  # a b a b a b
+    states, mask = sampling_captions(cache, labels, {"text_padding": "replicate"}, seed=0)
+    # class a rows in cache order: 1, 3 (cycling); class b rows: 0, 2, 4
+    rows = [1, 0, 3, 2, 1, 4]
+    src = cache.tensors()["text_emb"].float()
+    for i, r in enumerate(rows):
+        n = int(cache.tensors()["text_len"][r])
+        assert torch.equal(states[i, :n], src[r, :n])
+        for j in range(n, states.shape[1]):  # replicate: padded position j copies real token j mod n
+            assert torch.equal(states[i, j], src[r, j % n])
+    assert mask is None
+    zero_states, zero_mask = sampling_captions(cache, labels, {"text_padding": "zero_mask"}, seed=0)
+    assert zero_mask is not None and zero_mask[0].tolist() == [True, True, True, False, False]
+    noisy1, _ = sampling_captions(cache, labels, {"text_padding": "noisy_replicate"}, seed=0)
+    noisy2, _ = sampling_captions(cache, labels, {"text_padding": "noisy_replicate"}, seed=0)
+    assert torch.equal(noisy1, noisy2) and not torch.equal(noisy1, states)

@@ -23,8 +23,8 @@ rule synthesize:
     log:
         f"{W}/logs/synthesize.log",
     shell:
-        "{LDM} synthesize --out {W}/raw/synthetic --num-images {params.n} --corrupt {params.corrupt}"
-        " --seed {CFG[seed]} > {log} 2>&1"
+        f"{LDM} synthesize --out {W}/raw/synthetic --num-images {{params.n}} --corrupt {{params.corrupt}}"
+        f" --seed {CFG['seed']} > {{log}} 2>&1"
 
 
 rule prepare:
@@ -43,8 +43,8 @@ rule prepare:
     log:
         f"{W}/logs/prepare.r{{res}}.log",
     shell:
-        "{LDM} prepare {params.source:q} --out {W}/prepared/{DATASET}/r{wildcards.res}"
-        " --resolution {wildcards.res} --crop {params.crop} --seed {CFG[seed]} > {log} 2>&1"
+        f"{LDM} prepare {{params.source:q}} --out {W}/prepared/{DATASET}/r{{wildcards.res}}"
+        f" --resolution {{wildcards.res}} --crop {{params.crop}} --seed {CFG['seed']} > {{log}} 2>&1"
 
 
 if not CFG["autoencoder"]["pretrained"]:
@@ -62,7 +62,7 @@ if not CFG["autoencoder"]["pretrained"]:
         log:
             f"{W}/logs/train_vae.log",
         shell:
-            "{LDM} train-vae --config {CONFIG_JSON} --out {W}/vae --threads {threads} > {log} 2>&1"
+            f"{LDM} train-vae --config {CONFIG_JSON} --out {W}/vae --threads {{threads}} > {{log}} 2>&1"
 
 
 rule encode:
@@ -81,6 +81,6 @@ rule encode:
     log:
         f"{W}/logs/encode.r{{res}}.log",
     shell:
-        "{LDM} encode --prepared {W}/prepared/{DATASET}/r{wildcards.res} --vae {params.vae:q}"
-        " --out {W}/latents/{DATASET}/r{wildcards.res} --text-encoder {params.text:q}"
-        " --threads {threads} > {log} 2>&1"
+        f"{LDM} encode --prepared {W}/prepared/{DATASET}/r{{wildcards.res}} --vae {{params.vae:q}}"
+        f" --out {W}/latents/{DATASET}/r{{wildcards.res}} --text-encoder {{params.text:q}}"
+        f" --threads {{threads}} > {{log}} 2>&1"

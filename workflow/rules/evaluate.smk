@@ -19,7 +19,7 @@ rule train_evaluator:
     log:
         f"{W}/logs/train_evaluator.log",
     shell:
-        "{LDM} train-evaluator --config {CONFIG_JSON} --out {W}/evaluator --threads {threads} > {log} 2>&1"
+        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {W}/evaluator --threads {{threads}} > {{log}} 2>&1"
 
 
 rule reference_stats:
@@ -34,8 +34,8 @@ rule reference_stats:
     log:
         f"{W}/logs/reference_stats.r{{res}}.log",
     shell:
-        "{LDM} reference-stats --prepared {W}/prepared/{DATASET}/r{wildcards.res} --evaluator {W}/evaluator"
-        " --out {output} --threads {threads} > {log} 2>&1"
+        f"{LDM} reference-stats --prepared {W}/prepared/{DATASET}/r{{wildcards.res}} --evaluator {W}/evaluator"
+        f" --out {{output}} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule sample:
@@ -50,7 +50,7 @@ rule sample:
     log:
         f"{W}/logs/sample/{{run}}.log",
     shell:
-        "{LDM} sample --config {CONFIG_JSON} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        f"{LDM} sample --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule evaluate:
@@ -68,4 +68,4 @@ rule evaluate:
     log:
         f"{W}/logs/evaluate/{{run}}.log",
     shell:
-        "{LDM} evaluate --config {CONFIG_JSON} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        f"{LDM} evaluate --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"

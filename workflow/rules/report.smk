@@ -13,4 +13,4 @@ rule report:
     log:
         f"{W}/logs/report.log",
     shell:
-        "{LDM} report --config {CONFIG_JSON} > {log} 2>&1"
+        f"{LDM} report --config {CONFIG_JSON} > {{log}} 2>&1"

@@ -28,5 +28,5 @@ rule train:
         f"{W}/logs/train/{{run}}.log",
     shell:
         # one process, or torchrun (multi-GPU) / srun + torchrun (multi-node) per the stage's resources
-        "{params.launch} -m ldm.cli train --config {CONFIG_JSON} --run {wildcards.run} --threads {threads}"
-        " > {log} 2>&1"
+        f"{{params.launch}} -m ldm.cli train --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}}"
+        f" > {{log}} 2>&1"
