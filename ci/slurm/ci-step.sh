@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# CI step for the SLURM integration test: start a single-node SLURM, run the smoke DAG through Snakemake's
+# SLURM executor, and always stop the daemons this step started (trap), also on failure or Ctrl-C.
+# Prints one summary line last:  "SLURM integration: OK, N jobs via sbatch, snakemake S s, total T s".
+#
+# Skips (exit 0, with a message) only when SLURM cannot be installed here: no apt-get (or no root/sudo for
+# it) AND SLURM is not installed. Every other problem fails the step.
+# Env: see start.sh / run-smoke.sh (LDM_SLURM_DIR, LDM_SLURM_SMOKE_DIR, PYTHON, CORES).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+D=${LDM_SLURM_DIR:-/var/tmp/ldm-slurm-ci}
+T0=$(date +%s)
+say() { echo "[slurm-ci] $*" >&2; }
+
+# One integration test at a time per machine: the daemons' ports (6817/6818) and /etc/slurm are global.
+mkdir -p "$(dirname "$D")"
+exec 9>"$D.lock"
+flock -w 900 9 || { say "FAIL: another SLURM integration test held $D.lock for 15 min"; exit 1; }
+
+stop() {
+    rc=$?
+    "$HERE/stop.sh" || { say "stop.sh failed"; [ $rc -ne 0 ] || rc=1; }
+    total=$(( $(date +%s) - T0 ))
+    if [ $rc -eq 0 ]; then
+        # shellcheck disable=SC1090
+        . "${LDM_SLURM_SMOKE_DIR:-$HERE/../../work/slurm-smoke}/result.env"
+        echo "SLURM integration: OK, $jobs jobs via sbatch (sacct: all COMPLETED), $runs runs, snakemake ${snakemake_s} s, total ${total} s"
+    else
+        echo "SLURM integration: FAILED (exit $rc) after ${total} s; daemon logs: $D/log"
+    fi
+    exit $rc
+}
+
+set +e
+"$HERE/start.sh"
+rc=$?
+set -e
+if [ $rc -eq 3 ]; then
+    echo "SLURM integration: SKIPPED (apt-get unavailable and SLURM not installed)"
+    exit 0
+fi
+trap stop EXIT        # from here on, whatever happens, stop what start.sh started
+trap 'exit 130' INT TERM
+[ $rc -eq 0 ] || exit $rc
+"$HERE/run-smoke.sh"
