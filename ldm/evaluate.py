@@ -195,12 +195,26 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
         "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path),
+        "model": _model_cost(config, run_id),
     }
     if any(name in wanted for name in PROTOCOLS.values()):
         record["fid_reference"] = _fid_reference(config, run.resolution)
     out = Path(config["results"]) / "metrics" / f"{run_id}.json"
     atomic_write_json(out, record)
     return out
+
+
+def _model_cost(config: dict, run_id: str) -> dict:
+    """Size and training FLOPs per image of the run's model (REPORT.md's efficiency table)."""
+    from .latents import LatentDataset
+    from .models.inventory import run_cost
+    from .train import latents_dir, load_final, run_dir
+
+    run = get_run(config, run_id)
+    manifest = LatentDataset(latents_dir(config, run.resolution), verify=False).manifest
+    _, model_config, _ = load_final(run_dir(config, run_id) / "final.safetensors")
+    text_tokens = int((manifest.get("text_encoder") or {}).get("max_length", 0))
+    return run_cost(model_config, tuple(manifest["latent_shape"]), text_tokens)
 
 
 def _protocol(config: dict, resolution: int, wanted: list[str]) -> dict:

@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 
 from .config import expand_runs  # noqa: E402
 from .provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
+from .study import write_study_report  # noqa: E402
 
 LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True, "cond_accuracy": False,
                    "precision": False, "recall": False, "size_consistency": False,
@@ -174,5 +175,6 @@ def build_report(config: dict) -> dict:
     for rec in records:
         if rec.get("guidance_sweep"):
             summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
+    write_study_report(config, records, results)  # REPORT.md, when the config has a `study` section
     atomic_write_json(results / "summary.json", summary)
     return summary

@@ -46,3 +46,20 @@ def test_models_json_lists_every_architecture_and_size(capsys):
     for row in rows:
         assert set(row) >= {"arch", "size", "params", "fwd_gflops_256", "fwd_gflops_512"}
         assert row["params"] > 0 and 0 < row["fwd_gflops_256"] < row["fwd_gflops_512"]
+
+
+def test_run_cost_of_a_trained_config_counts_its_conditioning():
+    from ldm.models import build_model
+    from ldm.models.inventory import run_cost
+
+    model = build_model("dit", "tiny", latent_size=16, in_channels=4, num_classes=4, learn_sigma=False,
+                        control_mode="additive")
+    cost = run_cost(model.config, (4, 16, 16))
+    assert cost["params"] == sum(p.numel() for p in model.parameters())
+    plain = build_model("dit", "tiny", latent_size=16, in_channels=4, num_classes=4, learn_sigma=False)
+    without = run_cost(plain.config, (4, 16, 16))
+    # the control embedder's two MLPs per group (size: 2 scalars, crop: 4 scalars of 256 features each)
+    d = model.config["hidden_size"]
+    extra_macs = (2 * 256 * d + d * d) + (4 * 256 * d + d * d)
+    assert cost["fwd_gflops_per_image"] * 1e9 - without["fwd_gflops_per_image"] * 1e9 == pytest.approx(2 * extra_macs)
+    assert cost["train_gflops_per_image"] == pytest.approx(3 * cost["fwd_gflops_per_image"])

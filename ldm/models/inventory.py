@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import ARCHITECTURES, build_model
 
-__all__ = ["PUBLISHED_SIZE", "PUBLISHED_CONDITIONING", "count_parameters", "forward_flops", "inventory"]
+__all__ = ["PUBLISHED_SIZE", "PUBLISHED_CONDITIONING", "count_parameters", "count_forward_flops", "forward_flops",
+           "run_cost", "inventory"]
 
 VAE_FACTOR = 8
 VAE_CHANNELS = 4
@@ -55,21 +56,42 @@ def _build(arch: str, size: str, latent_size: int) -> tuple[torch.nn.Module, int
     return model.eval(), text_tokens
 
 
-def forward_flops(arch: str, size: str, image_size: int) -> int:
-    """FLOPs of one forward pass for one image of ``image_size`` px (SD-VAE latent), meta device."""
-    latent = image_size // VAE_FACTOR
-    model, text_tokens = _build(arch, size, latent)
+def count_forward_flops(model: torch.nn.Module, latent_shape: tuple[int, int, int], text_tokens: int = 0) -> int:
+    """FLOPs of one forward pass of a meta-device ``model`` for one latent of ``latent_shape`` (C, H, W),
+    with its conditioning: caption tokens if it is text-conditional, else a class label, plus control
+    metadata if it was built with a control embedding."""
     meta = torch.device("meta")
-    x = torch.empty(1, VAE_CHANNELS, latent, latent, device=meta)
+    x = torch.empty(1, *latent_shape, device=meta)
     t = torch.empty(1, device=meta)
     kwargs: dict[str, torch.Tensor] = {"class_labels": torch.zeros(1, dtype=torch.long, device=meta)}
     if getattr(model, "text_dim", None):
-        kwargs = {"text": torch.empty(1, text_tokens, model.text_dim, device=meta),
+        kwargs = {"text": torch.empty(1, max(text_tokens, 1), model.text_dim, device=meta),
                   "text_keep": torch.ones(1, device=meta)}
+    if getattr(model, "config", {}).get("control_mode"):
+        kwargs["control"] = torch.empty(1, 6, device=meta)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, t, **kwargs)
     return int(counter.get_total_flops())
+
+
+def forward_flops(arch: str, size: str, image_size: int) -> int:
+    """FLOPs of one forward pass for one image of ``image_size`` px (SD-VAE latent), meta device."""
+    latent = image_size // VAE_FACTOR
+    model, text_tokens = _build(arch, size, latent)
+    return count_forward_flops(model, (VAE_CHANNELS, latent, latent), text_tokens)
+
+
+def run_cost(model_config: dict, latent_shape: tuple[int, int, int], text_tokens: int = 0) -> dict[str, Any]:
+    """Parameters and per-image training cost of a trained run's model (3 x forward: forward + backward),
+    for the efficiency table; guidance passes and masked second passes (mDT) are not included."""
+    from . import model_from_config
+
+    with torch.device("meta"):
+        model = model_from_config(model_config).eval()
+    fwd = count_forward_flops(model, latent_shape, text_tokens)
+    return {"arch": model_config.get("arch"), "params": count_parameters(model),
+            "fwd_gflops_per_image": fwd / 1e9, "train_gflops_per_image": 3 * fwd / 1e9}
 
 
 def inventory(archs: list[str] | None = None, sizes: list[str] | None = None) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ rule report:
         f"{R}/summary.json",
         f"{R}/tables/runs.md",
         [f"{R}/plots/guidance.png", f"{R}/tables/guidance_sweep.md"] if CFG["sampling"]["guidance_sweep"] else [],
+        [f"{R}/REPORT.md"] if CFG.get("study") else [],
     params:
-        h=digest([CFG["name"], list(RUNS)]),
+        h=digest([CFG["name"], list(RUNS), CFG.get("study")]),
     log:
         f"{W}/logs/report.log",
     shell:
