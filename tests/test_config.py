@@ -113,3 +113,35 @@ def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     assert launcher(res, "py") == "py -m torch.distributed.run --standalone --nproc_per_node 8"
     assert launcher({"gpus": 1}, "py") == "py"
     assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 py -m torch.distributed.run --nnodes 2")
+
+
+def _job_counts(stdout: str) -> dict:
+    counts = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_paper_study_runs_each_scenario_as_a_prefixed_module(tmp_path):
+    from ldm.config import study_scenarios
+
+    scenarios = study_scenarios(yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    assert {name: len(expand_runs(cfg)) for name, cfg in scenarios.items()} == {"imagenet1k": 24, "cc12m": 15}
+    out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                                      str(tmp_path), "--configfile", str(REPO / "config" / "paper.yaml"),
+                                      "--quiet", "rules"], capture_output=True, text=True, check=True)
+    counts = _job_counts(out.stdout)
+    assert counts["imagenet1k_train"] == 24 and counts["cc12m_train"] == 15 and counts["all"] == 1
+    assert counts["imagenet1k_sample"] == counts["imagenet1k_evaluate"] == 24
+
+
+def test_study_scenarios_may_not_share_a_workdir():
+    from ldm.config import study_scenarios
+
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"scenarios\.b\.workdir: 'work/smoke' is also used by 'a'"):
+        study_scenarios({"name": "s", "scenarios": {"a": smoke, "b": dict(smoke, name="b")}})
+    with pytest.raises(ConfigError, match="unknown key in a study config"):
+        study_scenarios({"name": "s", "scenarios": {"a": smoke}, "training": {}})
