@@ -151,7 +151,8 @@ def cmd_train(args) -> None:
 
     _threads(args.threads)
     path = train_run(_config(args.config), args.run)
-    print(f"run {args.run} finished: {path}")
+    if os.environ.get("RANK", "0") == "0":  # one line per job, not per torchrun process
+        print(f"run {args.run} finished: {path}")
 
 
 def cmd_sample(args) -> None:
@@ -236,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", required=True)
     p.add_argument("--evaluator", required=True)
     p.add_argument("--out", required=True)
-    p = add("train", cmd_train, "train one run of the grid (resumes from its latest snapshot)", True, True)
+    p = add("train", cmd_train, "train one run of the grid (resumes from its latest snapshot; on SIGTERM/SIGUSR1 "
+            "it snapshots and exits 75; under torchrun each process trains its share of the global batch)", True, True)
     p.add_argument("--run", required=True)
     p = add("sample", cmd_sample, "sample every snapshot of a run", True, True)
     p.add_argument("--run", required=True)

@@ -406,7 +406,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
 
     progress = tqdm(range(start, stage["steps"]), initial=start, total=stage["steps"], desc=run_id,
                     file=sys.stderr, mininterval=5, disable=not main)
-    window_loss, window_t0 = [], time.perf_counter()
+    window_loss, window_steps, window_t0 = [], 0, time.perf_counter()
     model.train()
     for step in progress:
         # Every rank assembles the whole global batch and makes all of its random draws, in a fixed order
@@ -454,6 +454,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
             if flag.item() > 0 and stop.raised is None:
                 stop.raised = "SIGTERM (another rank)"
         done = step + 1
+        window_steps += 1
         skipped = not torch.isfinite(step_loss)
         if skipped:
             if nonfinite_skips >= tcfg.get("max_nonfinite_skips", 0):
@@ -482,12 +483,12 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
             elapsed = time.perf_counter() - window_t0
             record = {"step": done, "loss": sum(window_loss) / len(window_loss) if window_loss else float("nan"),
                       "grad_norm": float(grad_norm) if not skipped else float("nan"), "lr": lr,
-                      "images_per_s": 25 * batch_size / elapsed if done % 25 == 0 else float("nan"),
+                      "images_per_s": window_steps * batch_size / elapsed,
                       "world_size": world, "grad_accum": grad_accum, "nonfinite_skips": nonfinite_skips}
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{record['loss']:.4f}")
-            window_loss, window_t0 = [], time.perf_counter()
+            window_loss, window_steps, window_t0 = [], 0, time.perf_counter()
         if done in targets:
             snapshot(done, evaluated=True)
         elif stop.raised or (every and done % every == 0):
