@@ -245,8 +245,9 @@ class _StopFlag:
 def make_accelerator(tcfg: dict) -> Accelerator:
     """Accelerator for `training.precision` and `training.distributed`.
 
-    FSDP goes through accelerate's plugin (FSDP2, full state dicts for snapshots); it only shards when
-    launched on several processes: on one process accelerate ignores it and trains as plain fp32/bf16.
+    FSDP goes through accelerate's plugin (FSDP2, full state dicts for snapshots). accelerate applies it
+    only to multi-accelerator launches (MULTI_GPU and kin): on CPU, with one process or several (gloo), it
+    keeps the plugin out and trains plainly or as DDP, so the FSDP code path is untested here.
     """
     from accelerate.state import AcceleratorState
 
@@ -287,6 +288,9 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     accelerator = make_accelerator(tcfg)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     fsdp = accelerator.distributed_type.name == "FSDP"
+    if tcfg.get("distributed", "ddp") == "fsdp" and not fsdp:
+        log(f"{run_id}: training.distributed=fsdp, but accelerate shards only on GPUs/accelerators; this "
+            f"run trains as {accelerator.distributed_type.name} on {world} process(es)")
     grad_accum = int(tcfg.get("grad_accum", 1))
     batch_size = tcfg["batch_size"]
     micro_slices = _micro_batches(batch_size, world, rank, grad_accum)

@@ -481,3 +481,15 @@ def test_mdt_trains_with_a_masked_second_pass(cache_config, monkeypatch):
     assert len(seen) == 4 and all(isinstance(gen, torch.Generator) for _, gen in seen)  # 2 steps x 2 micro-batches
     log = json.loads((run_dir(config, run) / "log.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(log["loss"])
+
+
+def test_fsdp_option_constructs_and_says_when_it_cannot_shard(cache_config):
+    """FSDP needs several accelerators: on CPU accelerate drops the plugin; the run says so and still trains."""
+    from ldm.train import make_accelerator
+
+    accelerator = make_accelerator({"precision": "fp32", "distributed": "fsdp"})
+    assert accelerator.distributed_type.name in ("NO", "MULTI_CPU")
+    config = _run_config(cache_config, 2, 1, distributed="fsdp")
+    messages = []
+    train_run(config, _fresh(config), log=messages.append)
+    assert any("training.distributed=fsdp, but accelerate shards only on GPUs" in m for m in messages)
