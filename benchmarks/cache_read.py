@@ -5,16 +5,19 @@ rows shuffled within a window of shards) + a torch DataLoader (one persistent wo
 size) and compares samples/s with the training consumption rate of the default DiT on the same cache,
 measured in this run. Issue #4 asks for >= 20x headroom. The read rate covers whole epochs after a
 warm-up epoch (which pays for worker start-up), so every shard load and shuffle is inside the timing.
+Read and training rates are measured in alternation, `--repeats` times; the ratio is the median of the
+per-repeat ratios (the machine's load changes between repeats, less within one).
 For reference it also prints the random-access path (`LatentDataset` + `shuffle=True`), which reloads a
 shard whenever consecutive indices fall in different shards.
 
-    python benchmarks/cache_read.py [--epochs 5] [--window 4] [--steps 40] [--json]
+    python benchmarks/cache_read.py [--epochs 5] [--window 4] [--steps 40] [--repeats 3] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,8 +62,7 @@ def random_access_rate(cache: Path, batch_size: int, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def training_rate(config: dict, steps: int) -> float:
-    step = minimal_step_fn(config, RUN)
+def training_rate(step, steps: int) -> float:
     step()  # the first step pays for allocator warm-up
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4, help="shards shuffled together")
     parser.add_argument("--batches", type=int, default=40, help="batches of the random-access reference")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="write benchmarks/results/cache_read.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,25 +85,33 @@ def main() -> None:
     if not (cache / "manifest.json").exists():
         sys.exit(f"no latent cache at {cache}: run `snakemake --cores 2` (the embedded default) first")
     batch_size = config["training"]["batch_size"]
-    read = read_rate(cache, batch_size, args.epochs, args.window)
-    random_access = random_access_rate(cache, batch_size, args.batches)
-    train = training_rate(config, args.steps)
+    step = minimal_step_fn(config, RUN)
+    reads, randoms, trains = [], [], []
+    for _ in range(args.repeats):  # interleaved, so that a change in machine load hits both sides alike
+        reads.append(read_rate(cache, batch_size, args.epochs, args.window))
+        randoms.append(random_access_rate(cache, batch_size, args.batches))
+        trains.append(training_rate(step, args.steps))
+    ratios = [r / t for r, t in zip(reads, trains)]
+    random_ratios = [r / t for r, t in zip(randoms, trains)]
+    read, random_access, train = (statistics.median(x) for x in (reads, randoms, trains))
+    ratio, random_ratio = statistics.median(ratios), statistics.median(random_ratios)
     name = f"cache read (shard-shuffled, window {args.window}, 1 worker)"
-    print(f"{'what':<52}{'samples/s':>12}")
-    print(f"{name:<52}{read:>12.1f}")
-    print(f"{'  reference: random access (LatentDataset, shuffle)':<52}{random_access:>12.1f}")
-    print(f"{'training consumption (default DiT, 64 px)':<52}{train:>12.1f}")
-    ratio = read / train
+    print(f"{'what (median of ' + str(args.repeats) + ' repeats)':<52}{'samples/s':>12}   repeats")
+    for label, med, xs in ((name, read, reads), ("  reference: random access (LatentDataset, shuffle)", random_access, randoms),
+                           ("training consumption (default DiT, 64 px)", train, trains)):
+        print(f"{label:<52}{med:>12.1f}   " + ", ".join(f"{x:.1f}" for x in xs))
     if args.json:
         (REPO / "benchmarks" / "results" / "cache_read.json").write_text(json.dumps({
             "benchmark": "cache_read", "reader": "ShardShuffledLatents", "window": args.window,
-            "epochs": args.epochs, "shards": len(LatentDataset(cache, verify=False).shards),
+            "epochs": args.epochs, "repeats": args.repeats, "shards": len(LatentDataset(cache, verify=False).shards),
             "read_samples_per_s": read, "random_access_samples_per_s": random_access,
-            "train_samples_per_s": train, "ratio": ratio, "random_access_ratio": random_access / train,
+            "train_samples_per_s": train, "ratio": ratio, "random_access_ratio": random_ratio,
+            "repeat_read_samples_per_s": reads, "repeat_random_access_samples_per_s": randoms,
+            "repeat_train_samples_per_s": trains, "repeat_ratios": ratios,
             "batch_size": batch_size, "threads": 1, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__}, indent=2) + "\n")
-    print(f"random access / training consumption: {random_access / train:.1f}x")
-    print(f"cache read / training consumption: {ratio:.1f}x (target >= 20x)")
+    print(f"random access / training consumption: {random_ratio:.1f}x (median of per-repeat ratios)")
+    print(f"cache read / training consumption: {ratio:.1f}x (median of per-repeat ratios; target >= 20x)")
 
 
 if __name__ == "__main__":
