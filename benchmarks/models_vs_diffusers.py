@@ -3,8 +3,9 @@
 One training step = forward, MSE loss, backward, AdamW step, on CPU with one thread (the CI machine's budget).
 Ours and theirs are built in this process with the same widths/depths/heads and input shapes (DiT
 class-conditional; PixArt and MM-DiT text-conditional with 32 caption tokens of 384-d, MiniLM's width), timed
-in alternating repeats so that machine load hits both alike; the median repeat counts. The last column is
-ours/theirs in steps per second (>= 1: ours is at least as fast).
+one step at a time, alternating sides (and which side goes first) so that load on a shared machine hits both
+alike; the median step counts (repeats x steps-per-repeat steps each). The last column is ours/theirs in
+steps per second (>= 1: ours is at least as fast).
 
     python benchmarks/models_vs_diffusers.py [--sizes tiny small] [--repeats 5] [--json]
 """
@@ -121,14 +122,13 @@ def main() -> None:
             (ours, p_ours), (theirs, p_theirs) = step_fn(arch, size, True), step_fn(arch, size, False)
             ours(), theirs()  # warm-up (allocator, lazy init)
             t_ours, t_theirs = [], []
-            for r in range(args.repeats):  # alternate which side goes first
-                for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
-                    (t_ours if name == "ours" else t_theirs).append(
-                        seconds(ours if name == "ours" else theirs, n))
-            med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
+            for i in range(args.repeats * n):  # single steps, alternating which side goes first
+                for side in ((ours, t_ours), (theirs, t_theirs))[:: 1 if i % 2 == 0 else -1]:
+                    side[1].append(seconds(side[0], 1))
+            med_o, med_t = n * statistics.median(t_ours), n * statistics.median(t_theirs)
             ratio = med_t / med_o
-            rows.append({"arch": arch, "size": size, "steps_per_repeat": n, "params_ours": p_ours,
-                         "params_theirs": p_theirs, "ours_s": t_ours, "theirs_s": t_theirs,
+            rows.append({"arch": arch, "size": size, "steps_timed": args.repeats * n, "params_ours": p_ours,
+                         "params_theirs": p_theirs, "ours_step_s": t_ours, "theirs_step_s": t_theirs,
                          "ours_steps_per_s": n / med_o, "theirs_steps_per_s": n / med_t, "ratio": ratio})
             print(f"{arch + ' ' + size:<14}{p_ours:>12,}{n / med_o:>14.2f}{n / med_t:>16.2f}{ratio:>13.3f}")
     if args.json:

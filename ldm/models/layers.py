@@ -285,7 +285,8 @@ class CaptionEmbedder(nn.Module):
             raise ValueError(f"unknown caption projection {projection!r}; valid: mlp, linear")
         self.text_dim = text_dim
         self.y_embedding = nn.Parameter(torch.randn(null_tokens, text_dim) / text_dim**0.5)
-        self.y_proj = Mlp(text_dim, hidden_size, hidden_size) if projection == "mlp" else nn.Linear(text_dim, hidden_size)
+        mlp = projection == "mlp"
+        self.y_proj = Mlp(text_dim, hidden_size, hidden_size) if mlp else nn.Linear(text_dim, hidden_size)
 
     def with_null(
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None, text_keep: torch.Tensor | None = None

@@ -19,8 +19,9 @@ Conditioning, ours where SD3 has none:
   added to c (SD3-like), with "attention" c = t_emb (+ control) only.
 - control metadata (``conditioning.ControlEmbedder``) is added to c.
 
-Sizes. SD3 ties width to depth d: hidden = 64 d, heads = d (SD3 paper, model-scaling experiments); "d18" is that rule at d = 18
-(1152 wide, diffusers' default config), "d24" is SD3-medium's 24 x 1536. The paper we reproduce names its
+Sizes. SD3 ties width to depth d: hidden = 64 d, heads = d (SD3 paper, model-scaling experiments); "d18" is that
+rule at d = 18 (1152 wide, diffusers' default config; 858M parameters with 4096-d captions), "d24" is
+SD3-medium's 24 x 1536 (2.03B here, the SD3 paper's "2B"). The paper we reproduce names its
 baseline "mmDiT-XL/2" without giving its shape in public text: we take DiT-XL/2's shape (28 blocks, 1152 wide,
 16 heads, patch 2; assumed), which with 4 latent channels and learn_sigma, class-conditional on 1000 classes,
 has 1,326,915,104 parameters (pinned in tests/test_models_attention.py): about twice DiT-XL/2 (675M), since
@@ -281,7 +282,7 @@ class MMDiT(GridPosEmbed, nn.Module):
             c = c + y
         if control is not None:
             if self.control_embedder is None:
-                raise ValueError("this MMDiT was built without control conditioning (control_mode=None) but got control")
+                raise ValueError("this MMDiT was built without control conditioning (control_mode=None), got control")
             c = c + self.control_embedder(control, t, control_keep)
         for block in self.joint_blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -19,10 +19,10 @@ blocks have no cross-attention. Control metadata (``conditioning.ControlEmbedder
 ``t_block``, where PixArt-α's 1024-px model adds its size/aspect-ratio micro-conditions.
 
 Sizes: XL/2 = 28 blocks, width 1152, 16 heads, patch 2 (reference code ``PixArt_XL_2`` in PixArt-alpha
-``diffusion/model/nets/PixArt.py``; the PixArt-α paper gives 0.6B parameters). Our count with T5-XXL captions (text_dim 4096), 4 latent channels,
-learn_sigma and the reference's 120 null-caption tokens is 611,347,616 parameters
-(= diffusers' ``PixArtTransformer2DModel`` of the same config, 610,856,096, plus the 120 x 4096 null caption;
-tests/test_models_attention.py pins both).
+``diffusion/model/nets/PixArt.py``; the PixArt-α paper gives 0.6B parameters). Our count with T5-XXL captions
+(text_dim 4096), 4 latent channels, learn_sigma and the reference's 120 null-caption tokens is 611,347,616
+parameters (= diffusers' ``PixArtTransformer2DModel`` of the same config, 610,856,096, plus the 120 x 4096
+null caption; tests/test_models_attention.py pins both).
 S/2, B/2, L/2 use DiT's width/depth/heads (the reference defines only XL/2).
 """
 from __future__ import annotations
@@ -238,7 +238,7 @@ class PixArt(GridPosEmbed, nn.Module):
             c = c + y
         if control is not None:
             if self.control_embedder is None:
-                raise ValueError("this PixArt was built without control conditioning (control_mode=None) but got control")
+                raise ValueError("this PixArt was built without control conditioning (control_mode=None), got control")
             c = c + self.control_embedder(control, t, control_keep)
         t0 = self.t_block(c)
         for block in self.blocks:
