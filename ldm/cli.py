@@ -94,6 +94,8 @@ def cmd_encode(args) -> None:
     run = result["run"]
     who = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{who}encoded {len(run['encoded'])} shards, reused {len(run['reused'])}")
+    for name in run["corrupt"]:
+        print(f"{Path(args.out) / name}: sha256 did not match its record (corrupt); re-encoded")
     if result["complete"]:
         print(f"encoded {result['count']} samples into {args.out}")
     else:

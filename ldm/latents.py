@@ -175,7 +175,8 @@ def encode_latents(
     ranks' shards by their records and presence.
 
     Returns the manifest plus a `run` entry (not written to disk) listing the shards encoded and reused
-    by this call and `complete` (whether the manifest now exists); an incomplete call returns only
+    by this call, and which of the encoded ones replaced a file that failed its checksum (`corrupt`), and
+    `complete` (whether the manifest now exists); an incomplete call returns only
     count, num_shards, complete, missing and run.
     """
     from safetensors.torch import save_file
@@ -223,17 +224,20 @@ def encode_latents(
             tmp.unlink(missing_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the cache is "in progress"
 
-    shards, encoded, reused = [], [], []
+    shards, encoded, reused, corrupt = [], [], [], []
     for k in tqdm(mine, desc=f"encode {out.name}" + (f" rank {rank}/{world_size}" if world_size > 1 else ""),
                   unit="shard", disable=None):
         a, b = k * shard_size, min(n, (k + 1) * shard_size)
         name = _shard_name(k)
         path = out / name
         rec = previous.get(name)
-        if rec and rec.get("rows") == b - a and path.is_file() and file_sha256(path) == rec["sha256"]:
-            shards.append({"file": name, "rows": b - a, "sha256": rec["sha256"]})
-            reused.append(name)
-            continue
+        if rec and rec.get("rows") == b - a and path.is_file():
+            if file_sha256(path) == rec["sha256"]:
+                shards.append({"file": name, "rows": b - a, "sha256": rec["sha256"]})
+                reused.append(name)
+                continue
+            log.warning("%s: sha256 differs from its record (corrupt or modified); re-encoding it", path)
+            corrupt.append(name)
         tensors = _encode_shard(source.rows(a, b), model, te, resolution, batch_size, device)
         tmp = path.with_name(name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -244,7 +248,7 @@ def encode_latents(
         log.info("encoded %s (%d rows)", name, b - a)
     # Reused shards are recorded too: their old record may have lived only in the manifest just removed.
     atomic_write_json(out / _partial_name(rank), {"format": FORMAT, "params": params, "shards": shards})
-    run = {"encoded": encoded, "reused": reused}
+    run = {"encoded": encoded, "reused": reused, "corrupt": corrupt}
 
     records = {**previous, **_read_records(out, params, _partials(out)), **{s["file"]: s for s in shards}}
     missing = []

@@ -50,7 +50,7 @@ def test_two_ranks_in_turn_equal_one_process(setup):
 
     # Rerunning one rank on the finished cache re-checks its own shards and rewrites the same manifest.
     again = encode_latents(root / "prepared", str(root / "vae"), out, rank=0, world_size=2, **KW)
-    assert again["complete"] and again["run"] == {"encoded": [], "reused": r0["run"]["encoded"]}
+    assert again["complete"] and again["run"] == {"encoded": [], "reused": r0["run"]["encoded"], "corrupt": []}
     assert sha(out / "manifest.json") == sha(root / "single" / "manifest.json")
 
 

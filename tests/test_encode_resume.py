@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.autoencoder import tiny_vae_config, train_tiny_vae
+from ldm.cli import main
 from ldm.latents import CorruptShardError, LatentDataset, encode_latents
 from test_latents import SMALL, shapes, write_prepared
 
@@ -42,7 +43,7 @@ def _same_shards(a: Path, b: Path, names: list[str]) -> None:
             assert torch.equal(ta[k], tb[k]), (name, k)
 
 
-def test_sigkill_midway_then_rerun_redoes_only_missing(setup):
+def test_sigkill_midway_then_rerun_redoes_only_missing(setup, capsys):
     root, ref = setup["root"], setup["ref"]
     out = root / "killed"
     cmd = [sys.executable, "-m", "ldm.cli", "encode", "--prepared", str(root / "prepared"), "--vae", str(root / "vae"),
@@ -73,7 +74,7 @@ def test_sigkill_midway_then_rerun_redoes_only_missing(setup):
     rerun = encode_latents(root / "prepared", str(root / "vae"), out, text_encoder=None,
                            batch_size=BATCH, shard_size=SHARD)
     names = [s["file"] for s in ref["shards"]]
-    assert rerun["complete"] and rerun["run"]["reused"] == done
+    assert rerun["complete"] and rerun["run"]["reused"] == done and rerun["run"]["corrupt"] == []
     assert rerun["run"]["encoded"] == [n for n in names if n not in done]
     assert all((out / f).stat().st_mtime_ns == mtimes[f] for f in done)  # kept, not rewritten
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *names]  # no partial/tmp left
@@ -89,8 +90,10 @@ def test_sigkill_midway_then_rerun_redoes_only_missing(setup):
     victim.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match=names[-2]):
         LatentDataset(out)
-    again = encode_latents(root / "prepared", str(root / "vae"), out, text_encoder=None,
-                           batch_size=BATCH, shard_size=SHARD)
-    assert again["run"]["encoded"] == [names[-2]]
+    capsys.readouterr()
+    assert main(cmd[3:]) == 0  # the same `ldm encode` command, in this process
+    printed = capsys.readouterr().out
+    assert f"encoded 1 shards, reused {len(names) - 1}" in printed
+    assert f"{victim}: sha256 did not match its record (corrupt); re-encoded" in printed
     _same_shards(out, root / "ref", names)
     assert len(LatentDataset(out)) == N

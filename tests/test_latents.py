@@ -330,7 +330,8 @@ def test_resume_reencodes_only_missing_shard_bit_identically(cache, vae_dir):
     mtimes = {f: (b / f).stat().st_mtime_ns for f in files}
     (b / "shard-00001.safetensors").unlink()
     run = encode_latents(root / "prepared", str(vae_dir), b, batch_size=2, shard_size=3)["run"]
-    assert run == {"encoded": ["shard-00001.safetensors"], "reused": ["shard-00000.safetensors", "shard-00002.safetensors"]}
+    assert run == {"encoded": ["shard-00001.safetensors"], "reused": ["shard-00000.safetensors", "shard-00002.safetensors"],
+                   "corrupt": []}
     assert sorted(p.name for p in b.iterdir()) == files
     assert [sha(b / f) for f in files] == [sha(a / f) for f in files]
     assert all((b / f).stat().st_mtime_ns == mtimes[f] for f in ("shard-00000.safetensors", "shard-00002.safetensors"))
@@ -338,7 +339,8 @@ def test_resume_reencodes_only_missing_shard_bit_identically(cache, vae_dir):
     # A shard whose bytes no longer match its recorded checksum is re-encoded too.
     (b / "shard-00002.safetensors").write_bytes(b"garbage")
     run = encode_latents(root / "prepared", str(vae_dir), b, batch_size=2, shard_size=3)["run"]
-    assert run["encoded"] == ["shard-00002.safetensors"] and sha(b / "shard-00002.safetensors") == sha(a / "shard-00002.safetensors")
+    assert run["encoded"] == run["corrupt"] == ["shard-00002.safetensors"]
+    assert sha(b / "shard-00002.safetensors") == sha(a / "shard-00002.safetensors")
 
 
 def test_corrupt_shard_is_named(cache, tmp_path):
