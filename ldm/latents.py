@@ -290,7 +290,8 @@ def encode_latents(
 class LatentDataset(torch.utils.data.Dataset):
     """Reader of a latent cache. With `verify`, every shard's sha256 is checked against the manifest
     up front (CorruptShardError names the file), so a truncated or bit-flipped cache fails before
-    training rather than midway. Items are dicts of the shard tensors at one row, plus the 0-d
+    training rather than midway. It keeps one shard loaded: fine for in-order reads and small caches;
+    for shuffled epochs over many shards use `ShardShuffledLatents`. Items are dicts of the shard tensors at one row, plus the 0-d
     `scaling_factor`/`shift_factor` so that `sample_latents` works on a collated batch."""
 
     def __init__(self, dir: Path, verify: bool = True):
