@@ -46,6 +46,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .conditioning import ControlEmbedder
 from .layers import (
+    CaptionEmbedder,
+    CrossAttention,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
@@ -134,30 +136,6 @@ class SelfAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-class CrossAttention(nn.Module):
-    """Queries from the tokens, keys/values from a context (class token or caption); optional key mask."""
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        L = context.shape[1]
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
 class MDTBlock(nn.Module):
     """DiT adaLN-Zero block with relative-position self-attention, optional skip fusion and cross-attention."""
 
@@ -170,7 +148,7 @@ class MDTBlock(nn.Module):
         self.attn = SelfAttention(hidden_size, num_heads, grid, qk_norm)
         if cross:
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
-            self.cross_attn = CrossAttention(hidden_size, hidden_size, num_heads, qk_norm)
+            self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm)
         else:
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -279,11 +257,7 @@ class MDT(nn.Module):
         if text_dim is None:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         else:
-            # caption tokens -> hidden (PixArt's caption projection); a learned null token replaces dropped captions
-            self.text_embedder = nn.Sequential(
-                nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
-            )
-            self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+            self.text_embedder = CaptionEmbedder(text_dim, hidden_size)  # PixArt's projection + learned null caption
         self.control_embedder = (
             ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
         )
@@ -359,8 +333,6 @@ class MDT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         if self.text_dim is None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        else:
-            nn.init.normal_(self.null_text, std=self.text_dim**-0.5)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.control_embedder is not None:
@@ -420,12 +392,7 @@ class MDT(nn.Module):
             return self.y_embedder(class_labels).unsqueeze(1), None
         if text is None:
             raise ValueError("text-conditional MDT needs text (B, L, text_dim)")
-        if text_keep is not None:
-            keep = text_keep.to(text.dtype).reshape(B, 1, 1)
-            text = keep * text + (1 - keep) * self.null_text.to(text.dtype)
-            if text_mask is not None:  # the null caption is attended everywhere
-                text_mask = text_mask | (text_keep.reshape(B, 1) == 0)
-        return self.text_embedder(text), text_mask
+        return self.text_embedder(text, text_mask, text_keep)
 
     def forward(
         self,
