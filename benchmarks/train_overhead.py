@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -103,6 +104,7 @@ def main() -> None:
     if not (REPO / config["workdir"] / "latents").exists():
         sys.exit("no latent cache: run `snakemake --cores 2` (the embedded default) first")
     ours, minimal = [], []
+    load_start = os.getloadavg()[0]  # a shared machine: the ratio holds, absolute times stretch with load
     for _ in range(args.repeats):
         minimal.append(minimal_loop_seconds(config, args.steps))
         ours.append(ldm_train_seconds(config, args.steps))
@@ -115,7 +117,8 @@ def main() -> None:
         out = REPO / "benchmarks" / "results" / "train_overhead.json"
         out.write_text(json.dumps({
             "benchmark": "train_overhead", "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
-            "ldm_train_s": ours, "minimal_s": minimal, "ratio": ratio, "cpu": cpu_model(),
+            "ldm_train_s": ours, "minimal_s": minimal, "ratio": ratio, "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "load_average_1min": [load_start, os.getloadavg()[0]],
             "torch": torch.__version__, "python": platform.python_version(),
         }, indent=2) + "\n")
     print(f"ldm train / minimal loop wall time: {ratio:.3f} (overhead {100 * (ratio - 1):+.1f}%)")
