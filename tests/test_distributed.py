@@ -1,8 +1,9 @@
-"""Two processes (torchrun, gloo, CPU) train the same run as one process with the same global batch.
+"""Two processes (torchrun, gloo, CPU), each accumulating two micro-batches, train the same run as one
+process taking the same global batch at once.
 
 Each rank takes a contiguous share of the global batch and the random draws are made for the whole batch
-on every rank, so the only difference from one process is DDP's float32 gradient averaging (g0 + g1) / 2
-instead of one mean over all samples: the weights agree to float rounding, amplified a little by Adam.
+on every rank, so the only difference from one process is the float32 summation order (micro-batch means,
+then DDP's (g0 + g1) / 2, instead of one mean): the weights agree to float rounding, amplified a little by Adam.
 """
 import json
 import os
@@ -16,8 +17,8 @@ from test_train import cache_config, with_steps  # noqa: F401 - the module's lat
 from ldm.train import run_dir, train_run
 
 RUN = "dit.synthetic.pretrain.16"
-#: max |w_2proc - w_1proc| after 4 AdamW steps at lr 1e-3: a wrong split (e.g. each rank training on the
-#: whole batch, or on the same share) moves weights by ~lr per step, 100x this
+#: max |w_2proc - w_1proc| after 4 AdamW steps at lr 1e-3 (measured: 2e-7). A wrong split (both ranks
+#: taking rank 0's share, tried by hand) differs by 6.4e-3, 600x this
 TOLERANCE = 1e-5
 
 
@@ -30,11 +31,12 @@ def _own_workdir(config: dict, path: Path) -> dict:
     return config
 
 
-def test_two_processes_match_one_with_the_same_global_batch(cache_config, tmp_path):  # noqa: F811
+def test_two_processes_accumulating_match_one_with_the_same_global_batch(cache_config, tmp_path):  # noqa: F811
     config = with_steps(cache_config, "pretrain", 4, 2)  # snapshots at steps 2 and 4
     config["training"].update(batch_size=8, warmup=1, ema=0.5)
     one = _own_workdir(config, tmp_path / "one")
     two = _own_workdir(config, tmp_path / "two")
+    two["training"]["grad_accum"] = 2  # each rank: 2 micro-batches of 2, the first under DDP's no_sync
     train_run(one, RUN, log=lambda *_: None)
 
     config_path = tmp_path / "two.json"
@@ -50,7 +52,7 @@ def test_two_processes_match_one_with_the_same_global_batch(cache_config, tmp_pa
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     records = [json.loads(line) for line in (run_dir(two, RUN) / "log.jsonl").read_text().splitlines()]
-    assert records and all(r["world_size"] == 2 for r in records)
+    assert records and all(r["world_size"] == 2 and r["grad_accum"] == 2 for r in records)
     state = json.loads((run_dir(two, RUN) / "checkpoints" / "step-0000004" / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 4
     # both ranks wrote their global RNG state into the snapshot
