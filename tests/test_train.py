@@ -493,3 +493,21 @@ def test_fsdp_option_constructs_and_says_when_it_cannot_shard(cache_config):
     messages = []
     train_run(config, _fresh(config), log=messages.append)
     assert any("training.distributed=fsdp, but accelerate shards only on GPUs" in m for m in messages)
+
+
+def test_learned_sigma_trains_with_ddpm_and_is_refused_with_flow(cache_config):
+    from ldm.config import ConfigError
+
+    base = _run_config(cache_config, 2, 1)
+    config = _with_recipe(base, "dit", arch="dit", size="tiny", objective="ddpm", options={"learn_sigma": True})
+    run = _fresh(config)
+    train_run(config, run, log=lambda *_: None)
+    state = json.loads((run_dir(config, run) / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert state["model_config"]["learn_sigma"]
+    # the output layer starts at zero (adaLN-Zero): its sigma rows move only through the VLB term
+    weight = _weights(run_dir(config, run) / "checkpoints" / "step-0000002" / "model.safetensors")["final_layer.linear.weight"]
+    rows = torch.arange(weight.shape[0]) % 8  # channel-last unpatchify: row % (2C) is the output channel
+    assert weight[rows >= 4].abs().max() > 0
+    flow = _with_recipe(base, "dit", arch="dit", size="tiny", objective="rectified_flow", options={"learn_sigma": True})
+    with pytest.raises(ConfigError, match="learn_sigma needs the ddpm objective"):
+        train_run(flow, _fresh(flow), log=lambda *_: None)
