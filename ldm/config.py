@@ -63,6 +63,7 @@ class Run:
     stage: str
     resolution: int
     init_run: str | None
+    init_checkpoint: str | None = None  # a checkpoint from outside this grid (dataset transfer)
 
     @property
     def res_name(self) -> str:
@@ -112,6 +113,9 @@ def validate(config: dict, source: str = "config") -> dict:
             raise ConfigError(f"{source}: stages.{name}.init: unknown stage {init!r}")
         if init == name:
             raise ConfigError(f"{source}: stages.{name}.init: a stage cannot initialise from itself")
+        if init is not None and stage.get("init_checkpoint"):
+            raise ConfigError(f"{source}: stages.{name}.init_checkpoint: give either init (a stage) or "
+                              "init_checkpoint (a file), not both")
     for name, recipe in full["recipes"].items():
         unknown = [s for s in recipe.get("stages", []) if s not in full["stages"]]
         if unknown:
@@ -260,7 +264,8 @@ def expand_runs(config: dict) -> list[Run]:
             if init is not None:
                 init_px = config["resolutions"][config["stages"][init]["resolution"]]
                 init_run = f"{recipe}.{dataset}.{init}.{init_px}"
-            runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run))
+            runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run,
+                            spec.get("init_checkpoint")))
     return runs
 
 

@@ -315,9 +315,11 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     data_state = {"epoch": 0, "position": 0}
     nonfinite_skips = 0
 
-    init_path = run_dir(config, run.init_run) / "final.safetensors" if run.init_run else None
+    init_path = (run_dir(config, run.init_run) / "final.safetensors" if run.init_run
+                 else Path(run.init_checkpoint) if run.init_checkpoint else None)
     if init_path is not None and not init_path.exists():
-        raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing (train {run.init_run} first)")
+        raise FileNotFoundError(f"run {run_id}: init checkpoint {init_path} is missing "
+                                f"(train {run.init_run or 'the run that writes it'} first)")
     # Snapshots are resumed only if they were made by this run definition and init weights; the step
     # budget is left out so that raising `steps` continues a finished run instead of restarting it.
     section = run_section(config, run_id)
@@ -354,7 +356,8 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         model = build_run_model(config, run_id, latent_shape, num_classes, text_dim=text_info.get("dim"))
         if init_path is not None:
             low_state, low_config, _ = load_final(init_path)
-            model = transfer_state(low_state, low_config, model, stage["pos_embed"])
+            model = transfer_state(low_state, low_config, model, stage["pos_embed"],
+                                   semantic=stage.get("semantic_transfer", "keep"), log=log)
             log(f"initialised {run_id} from {init_path} (pos_embed={stage['pos_embed']})")
         ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     model_config = dict(model.config)  # after transfer: sampling must rebuild the same pos-emb
@@ -367,7 +370,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     if optimizer_state is not None:
         _load_optimizer_state(model, optimizer, optimizer_state, fsdp)
     masked = float(model_config.get("mask_ratio", 0) or 0) > 0
-    targets = snapshot_steps(stage["steps"], tcfg["snapshots"], with_zero=run.init_run is not None)
+    targets = snapshot_steps(stage["steps"], tcfg["snapshots"], with_zero=init_path is not None)
     every = tcfg.get("checkpoint_every")
     stop = _StopFlag()
     log_path = out / "log.jsonl"

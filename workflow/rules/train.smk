@@ -5,6 +5,8 @@ def train_inputs(wildcards):
     inputs = {"latents": f"{W}/latents/{DATASET}/r{run.resolution}/manifest.json"}
     if run.init_run:
         inputs["init"] = f"{W}/runs/{run.init_run}/final.safetensors"
+    elif run.init_checkpoint:  # another scenario's run (dataset transfer): links the two modules' DAGs
+        inputs["init"] = run.init_checkpoint
     return inputs
 
 
