@@ -427,7 +427,8 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         labels, control_keep = drop_conditions(batch["label"].long(), num_classes=num_classes,
                                                class_dropout_prob=recipe["class_dropout"],
                                                control_dropout_prob=recipe["control_dropout"], generator=noise_gen)
-        kwargs = {"control": control, "control_keep": control_keep}
+        # the draws above happen either way, so a recipe's batches do not depend on its control setting
+        kwargs = {"control": control, "control_keep": control_keep} if model_config.get("control_mode") else {}
         if text_conditional:
             mode = recipe.get("text_padding", "noisy_replicate")
             text, text_mask = pad_tokens(batch["text_emb"].float(), batch["text_len"], mode=mode,

@@ -511,3 +511,13 @@ def test_learned_sigma_trains_with_ddpm_and_is_refused_with_flow(cache_config):
     flow = _with_recipe(base, "dit", arch="dit", size="tiny", objective="rectified_flow", options={"learn_sigma": True})
     with pytest.raises(ConfigError, match="learn_sigma needs the ddpm objective"):
         train_run(flow, _fresh(flow), log=lambda *_: None)
+
+
+def test_recipe_without_control_trains_a_model_without_a_control_embedder(cache_config):
+    config = with_steps(cache_config, "pretrain", 2, 1)
+    config["recipes"]["dit"]["control"] = "none"
+    config["recipes"]["dit"]["arch"] = "improved"  # whose own default is disentangled control
+    config["workdir"] = str(Path(config["workdir"]) / "nocontrol")
+    shutil.copytree(Path(cache_config["workdir"]) / "latents", Path(config["workdir"]) / "latents")
+    final = train_run(config, "dit.synthetic.pretrain.16", log=lambda *_: None)
+    assert not any(k.startswith("control_embedder") for k in load_file(str(final)))
