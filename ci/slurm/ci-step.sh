@@ -18,12 +18,13 @@ mkdir -p "$(dirname "$D")"
 exec 9>"$D.lock"
 flock -w 900 9 || { say "FAIL: another SLURM integration test held $D.lock for 15 min"; exit 1; }
 
+# shellcheck disable=SC2154  # jobs, runs, snakemake_s: sourced from result.env
 stop() {
     rc=$?
     "$HERE/stop.sh" || { say "stop.sh failed"; [ $rc -ne 0 ] || rc=1; }
     total=$(( $(date +%s) - T0 ))
     if [ $rc -eq 0 ]; then
-        # shellcheck disable=SC1090
+        # shellcheck disable=SC1090  # result.env (jobs=, snakemake_s=, runs=) is written by run-smoke.sh
         . "${LDM_SLURM_SMOKE_DIR:-$HERE/../../work/slurm-smoke}/result.env"
         echo "SLURM integration: OK, $jobs jobs via sbatch (sacct: all COMPLETED), $runs runs, snakemake ${snakemake_s} s, total ${total} s"
     else

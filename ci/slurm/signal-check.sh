@@ -15,8 +15,8 @@ case_run() {  # case_run LABEL COMMAND... (the job id is appended to COMMAND)
     rm -rf "$WORK"; mkdir -p "$WORK"
     "$PY" -m snakemake --snakefile "$HERE/signal-check/Snakefile" --directory "$WORK" \
         --profile "$REPO/profiles/slurm-ci" --cores 1 >"$WORK/snakemake.log" 2>&1 &
-    local smk=$! job="" i
-    for i in $(seq 120); do grep -q '^start' "$WORK/out.txt.events" 2>/dev/null && break; sleep 0.5; done
+    local smk=$! job=""
+    for _ in $(seq 120); do grep -q '^start' "$WORK/out.txt.events" 2>/dev/null && break; sleep 0.5; done
     job=$(sed -nE 's/.*submitted with SLURM jobid ([0-9]+) .*/\1/p' "$WORK/snakemake.log" | head -1)
     [ -n "$job" ] || { echo "$label: no job started"; kill "$smk"; return 1; }
     "$@" "$job"

@@ -22,8 +22,9 @@ while read -r name pidfile; do
         continue
     fi
     "${SUDO[@]}" kill -TERM "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then
+    # ps, not kill -0: as a sudo user kill -0 on a root daemon fails with EPERM while it still runs.
+    for _ in $(seq 100); do ps -p "$pid" >/dev/null || break; sleep 0.1; done
+    if ps -p "$pid" >/dev/null; then
         log "$name (pid $pid) ignored SIGTERM for 10 s: SIGKILL"
         "${SUDO[@]}" kill -KILL "$pid" || rc=1
     fi
