@@ -16,6 +16,8 @@ rule train_evaluator:
     params:
         h=digest([data_section(CFG), CFG["evaluator"]]),
     threads: CFG["threads"]
+    resources:
+        **rule_resources("train_evaluator"),
     log:
         f"{W}/logs/train_evaluator.log",
     shell:
@@ -31,6 +33,8 @@ rule reference_stats:
     params:
         h=lambda w: digest([data_section(CFG), CFG["evaluator"], w.res]),
     threads: CFG["threads"]
+    resources:
+        **rule_resources("reference_stats"),
     log:
         f"{W}/logs/reference_stats.r{{res}}.log",
     shell:
@@ -47,6 +51,8 @@ rule sample:
     params:
         h=lambda w: digest([run_section(CFG, w.run), CFG["sampling"]]),
     threads: CFG["threads"]
+    resources:
+        **rule_resources("sample"),
     log:
         f"{W}/logs/sample/{{run}}.log",
     shell:
@@ -65,6 +71,8 @@ rule evaluate:
     params:
         h=lambda w: digest(eval_section(CFG, w.run)),
     threads: CFG["threads"]
+    resources:
+        **rule_resources("evaluate"),
     log:
         f"{W}/logs/evaluate/{{run}}.log",
     shell:

@@ -1,6 +1,9 @@
 # Report: comparison tables (md + csv), metric-vs-step curves and sample grids from the metrics JSONs;
 # with a guidance sweep configured, the combined sweep figure and table too.
 
+localrules: report  # seconds of pandas/matplotlib: not worth a cluster job
+
+
 rule report:
     input:
         expand(f"{R}/metrics/{{run}}.json", run=RUNS),
