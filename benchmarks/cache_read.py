@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = load_config(REPO / "config" / "default.yaml")
-    cache = latents_dir(config, config["resolutions"]["high"])
+    cache = latents_dir(config, RUN)
     if not (cache / "manifest.json").exists():
         sys.exit(f"no latent cache at {cache}: run `snakemake --cores 2` (the embedded default) first")
     batch_size = config["training"]["batch_size"]

@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ldm.config import expand_runs, load_config  # noqa: E402
+from ldm.config import load_config  # noqa: E402
 from ldm.latents import LatentDataset, sample_latents  # noqa: E402
 from ldm.train import build_run_model, build_run_objective, latents_dir, train_run  # noqa: E402
 
@@ -50,8 +50,7 @@ def ldm_train_seconds(config: dict, steps: int) -> float:
 def minimal_step_fn(config: dict, run: str = RUN):
     """Set up the minimal loop for `run` (its cache, model, objective, AdamW) and return one training step:
     batch indexing, noise, forward, backward, optimizer step; nothing else."""
-    resolution = next(r.resolution for r in expand_runs(config) if r.run_id == run)
-    dataset = LatentDataset(latents_dir(config, resolution), verify=False)
+    dataset = LatentDataset(latents_dir(config, run), verify=False)
     data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == len(dataset)}
     torch.manual_seed(0)
     model = build_run_model(config, run, tuple(data["mean"].shape[1:]), len(dataset.classes))

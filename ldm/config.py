@@ -64,10 +64,17 @@ class Run:
     resolution: int
     init_run: str | None
     init_checkpoint: str | None = None  # a checkpoint from outside this grid (dataset transfer)
+    crop: str = "center"
 
     @property
     def res_name(self) -> str:
         return f"r{self.resolution}"
+
+    @property
+    def data_key(self) -> str:
+        """Directory of the run's prepared data and latent cache: one per resolution and crop policy
+        (`r64`, `r64-random`), so stages at one resolution may crop differently."""
+        return self.res_name if self.crop == "center" else f"{self.res_name}-{self.crop}"
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -265,7 +272,7 @@ def expand_runs(config: dict) -> list[Run]:
                 init_px = config["resolutions"][config["stages"][init]["resolution"]]
                 init_run = f"{recipe}.{dataset}.{init}.{init_px}"
             runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run,
-                            spec.get("init_checkpoint")))
+                            spec.get("init_checkpoint"), spec.get("crop", "center")))
     return runs
 
 

@@ -210,8 +210,7 @@ def _model_cost(config: dict, run_id: str) -> dict:
     from .models.inventory import run_cost
     from .train import latents_dir, load_final, run_dir
 
-    run = get_run(config, run_id)
-    manifest = LatentDataset(latents_dir(config, run.resolution), verify=False).manifest
+    manifest = LatentDataset(latents_dir(config, run_id), verify=False).manifest
     _, model_config, _ = load_final(run_dir(config, run_id) / "final.safetensors")
     text_tokens = int((manifest.get("text_encoder") or {}).get("max_length", 0))
     return run_cost(model_config, tuple(manifest["latent_shape"]), text_tokens)

@@ -67,7 +67,7 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
     recipe, scfg = config["recipes"][run.recipe], config["sampling"]
     out = run_dir(config, run_id) / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    cache = LatentDataset(latents_dir(config, run.resolution), verify=False)
+    cache = LatentDataset(latents_dir(config, run_id), verify=False)
     scaling, shift = cache.scaling_factor, cache.shift_factor
     vae = load_vae(vae_location(config)).eval()
     objective = build_run_objective(config, run_id)

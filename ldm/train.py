@@ -46,8 +46,9 @@ def run_dir(config: dict, run_id: str) -> Path:
     return Path(config["workdir"]) / "runs" / run_id
 
 
-def latents_dir(config: dict, resolution: int) -> Path:
-    return Path(config["workdir"]) / "latents" / config["dataset"]["name"] / f"r{resolution}"
+def latents_dir(config: dict, run_id: str) -> Path:
+    """The latent cache a run trains on (its resolution and its stage's crop policy)."""
+    return Path(config["workdir"]) / "latents" / config["dataset"]["name"] / get_run(config, run_id).data_key
 
 
 def snapshot_steps(total: int, count: int, with_zero: bool) -> list[int]:
@@ -295,7 +296,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     batch_size = tcfg["batch_size"]
     micro_slices = _micro_batches(batch_size, world, rank, grad_accum)
 
-    dataset = LatentDataset(latents_dir(config, run.resolution))
+    dataset = LatentDataset(latents_dir(config, run_id))
     count = len(dataset)
     # per-sample tensors only (the cache also carries its scalar scale/shift factors)
     data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == count}
@@ -305,7 +306,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
     text_info = dataset.manifest.get("text_encoder") or {}
     if text_conditional and "text_emb" not in data:
         raise ConfigError(f"run {run_id}: text conditioning needs text states in the latent cache "
-                          f"{latents_dir(config, run.resolution)} (it was encoded without a text encoder)")
+                          f"{latents_dir(config, run_id)} (it was encoded without a text encoder)")
     objective = build_run_objective(config, run_id)
     base_lr = stage.get("lr", tcfg["lr"])
     seed = int(digest([config["seed"], run_id]), 16) % (2**63)

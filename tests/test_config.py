@@ -145,3 +145,18 @@ def test_study_scenarios_may_not_share_a_workdir():
         study_scenarios({"name": "s", "scenarios": {"a": smoke, "b": dict(smoke, name="b")}})
     with pytest.raises(ConfigError, match="unknown key in a study config"):
         study_scenarios({"name": "s", "scenarios": {"a": smoke}, "training": {}})
+
+
+def test_stages_at_one_resolution_may_crop_differently(tmp_path):
+    raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    raw["stages"]["scratch"]["crop"] = "random"
+    runs = {r.stage: r for r in expand_runs(validate(raw))}
+    assert (runs["transfer"].data_key, runs["scratch"].data_key) == ("r32", "r32-random")
+    path = tmp_path / "crop.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                                      str(tmp_path), "--configfile", str(path), "--quiet", "rules"],
+                         capture_output=True, text=True, check=True)
+    counts = _job_counts(out.stdout)
+    # r16, r32 (center: VAE, evaluator, transfer) and r32-random (scratch) are prepared and encoded
+    assert counts["prepare"] == 3 and counts["encode"] == 3 and counts["reference_stats"] == 2

@@ -1,6 +1,4 @@
 """Dataset transfer: a class-conditional model initialises a text-to-image one (semantic embedder swapped)."""
-import json
-
 import pytest
 import torch
 

@@ -52,6 +52,7 @@ def run_resources(key):
 wildcard_constraints:
     run="|".join(r.replace(".", r"\.") for r in RUNS),
     res=r"\d+",
+    data=r"r\d+(-random|-random-flip)?",
 
 
 # Each run's final checkpoint is a target too, not only an intermediate: Snakemake does not rebuild a

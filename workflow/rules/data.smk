@@ -27,24 +27,32 @@ rule synthesize:
         f" --seed {CFG['seed']} > {{log}} 2>&1"
 
 
+def data_params(key):
+    """(resolution, crop, rerun hash) of a data key `r<px>` (center crop) or `r<px>-<crop>` (stage crop)."""
+    px, _, crop = key[1:].partition("-")
+    # center-crop keys keep the hash they had before crops were per stage (no spurious reruns)
+    h = digest([data_section(CFG), px]) if not crop else digest([data_section(CFG), px, crop])
+    return int(px), crop or "center", h
+
+
 rule prepare:
+    """Decode, validate, resize and crop the source at one resolution with one crop policy."""
     input:
         ancient(f"{W}/raw/synthetic/dataset.json") if CFG["dataset"]["source"] == "synthetic" else [],
     output:
-        f"{W}/prepared/{DATASET}/r{{res}}/report.json",
+        f"{W}/prepared/{DATASET}/{{data}}/report.json",
     params:
-        h=lambda w: digest([data_section(CFG), w.res]),
+        h=lambda w: data_params(w.data)[2],
         source=raw_source(),
-        crop=lambda w: next(
-            (s["crop"] for s in CFG["stages"].values() if CFG["resolutions"][s["resolution"]] == int(w.res)),
-            "center"),
+        crop=lambda w: data_params(w.data)[1],
+        px=lambda w: data_params(w.data)[0],
     resources:
         **rule_resources("prepare"),
     log:
-        f"{W}/logs/prepare.r{{res}}.log",
+        f"{W}/logs/prepare.{{data}}.log",
     shell:
-        f"{LDM} prepare {{params.source:q}} --out {W}/prepared/{DATASET}/r{{wildcards.res}}"
-        f" --resolution {{wildcards.res}} --crop {{params.crop}} --seed {CFG['seed']} > {{log}} 2>&1"
+        f"{LDM} prepare {{params.source:q}} --out {W}/prepared/{DATASET}/{{wildcards.data}}"
+        f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {{log}} 2>&1"
 
 
 if not CFG["autoencoder"]["pretrained"]:
@@ -67,20 +75,20 @@ if not CFG["autoencoder"]["pretrained"]:
 
 rule encode:
     input:
-        prepared=prepared("{res}"),
+        prepared=f"{W}/prepared/{DATASET}/{{data}}/report.json",
         vae=[] if CFG["autoencoder"]["pretrained"] else f"{W}/vae/config.json",
     output:
-        f"{W}/latents/{DATASET}/r{{res}}/manifest.json",
+        f"{W}/latents/{DATASET}/{{data}}/manifest.json",
     params:
-        h=lambda w: digest([data_section(CFG), w.res]),
+        h=lambda w: data_params(w.data)[2],
         vae=vae_path(),
         text=CFG["text_encoder"] or "none",
     threads: CFG["threads"]
     resources:
         **rule_resources("encode"),
     log:
-        f"{W}/logs/encode.r{{res}}.log",
+        f"{W}/logs/encode.{{data}}.log",
     shell:
-        f"{LDM} encode --prepared {W}/prepared/{DATASET}/r{{wildcards.res}} --vae {{params.vae:q}}"
-        f" --out {W}/latents/{DATASET}/r{{wildcards.res}} --text-encoder {{params.text:q}}"
+        f"{LDM} encode --prepared {W}/prepared/{DATASET}/{{wildcards.data}} --vae {{params.vae:q}}"
+        f" --out {W}/latents/{DATASET}/{{wildcards.data}} --text-encoder {{params.text:q}}"
         f" --threads {{threads}} > {{log}} 2>&1"

@@ -2,7 +2,7 @@
 
 def train_inputs(wildcards):
     run = RUNS[wildcards.run]
-    inputs = {"latents": f"{W}/latents/{DATASET}/r{run.resolution}/manifest.json"}
+    inputs = {"latents": f"{W}/latents/{DATASET}/{run.data_key}/manifest.json"}
     if run.init_run:
         inputs["init"] = f"{W}/runs/{run.init_run}/final.safetensors"
     elif run.init_checkpoint:  # another scenario's run (dataset transfer): links the two modules' DAGs
