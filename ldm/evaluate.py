@@ -195,7 +195,7 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
         "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path),
-        "model": _model_cost(config, run_id),
+        "model": _model_cost(config, run_id, index),
     }
     if any(name in wanted for name in PROTOCOLS.values()):
         record["fid_reference"] = _fid_reference(config, run.resolution)
@@ -204,12 +204,15 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
     return out
 
 
-def _model_cost(config: dict, run_id: str) -> dict:
-    """Size and training FLOPs per image of the run's model (REPORT.md's efficiency table)."""
+def _model_cost(config: dict, run_id: str, index: dict) -> dict:
+    """Size and training FLOPs per image of the run's model (REPORT.md's efficiency table), from the
+    samples index (samples made before it recorded the model: from the checkpoint and the cache)."""
     from .latents import LatentDataset
     from .models.inventory import run_cost
     from .train import latents_dir, load_final, run_dir
 
+    if "model_config" in index:
+        return run_cost(index["model_config"], tuple(index["latent_shape"]), index.get("text_tokens", 0))
     manifest = LatentDataset(latents_dir(config, run_id), verify=False).manifest
     _, model_config, _ = load_final(run_dir(config, run_id) / "final.safetensors")
     text_tokens = int((manifest.get("text_encoder") or {}).get("max_length", 0))

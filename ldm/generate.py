@@ -140,7 +140,10 @@ def sample_run(config: dict, run_id: str, log=print) -> Path:
         "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"],
                      "interval": scfg["guidance_interval"]},
         "forward_batch": FORWARD_BATCH, "image_seeds": "seed * 1000003 + i",
-        "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution, **extra,
+        "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
+        # what evaluation needs to cost the model (REPORT.md's efficiency table) without the checkpoint
+        "model_config": model_config, "latent_shape": list(latent_shape),
+        "text_tokens": 0 if text is None else int(text.shape[1]), **extra,
     })
     for stale in ("guidance.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
         if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():

@@ -116,6 +116,8 @@ def test_sample_evaluate_report(scenario):
                 "reference", "protocol", "forward_batch", "image_seeds", "evaluator_weights_sha256"):
         assert record[key] is not None, key
     assert record["guidance"]["interval"] == [0.1, 0.9] and record["sampler"] == "ddim"
+    assert record["model"]["params"] == sum(p.numel() for p in DiT(**MODEL).parameters())
+    assert record["model"]["train_gflops_per_image"] == pytest.approx(3 * record["model"]["fwd_gflops_per_image"])
     assert record["reference"]["sha256"] and record["reference"]["count"] == 40
     m = record["metrics"]
     for name in ("fd_evaluator", "cond_accuracy", "precision", "recall", "size_consistency",
@@ -151,10 +153,12 @@ def test_sample_evaluate_report(scenario):
     assert summary[RUN]["chosen_guidance"] == gs["chosen_scale"] and "size_consistency" in summary[RUN]
 
 
-def test_text_recipes_refused_with_one_line(scenario):
+def test_text_recipe_on_a_cache_without_captions_fails_with_one_line(scenario, monkeypatch):
     config, _ = scenario
     config["recipes"]["dit"]["conditioning"] = "text"
-    with pytest.raises(Exception, match="text-conditional recipes .* not built yet"):
+    monkeypatch.setattr(FakeCache, "dir", "cache", raising=False)
+    monkeypatch.setattr(FakeCache, "tensors", lambda self: {"label": torch.arange(8) % 4}, raising=False)
+    with pytest.raises(Exception, match="text-conditional sampling needs caption states"):
         generate_mod.sample_run(config, RUN, log=lambda *_: None)
     shutil.rmtree(Path(config["workdir"]) / "runs" / RUN / "samples", ignore_errors=True)
 
