@@ -328,8 +328,30 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def dvc_source_version(source: str) -> str | None:
+    """Content hash DVC recorded for a raw data source (`<source>.dvc`, or `<dir>.dvc` of a glob's folder).
+
+    Rules never take raw files as inputs (a `dvc pull`/`dvc checkout` rewrites them with new mtimes and would
+    rerun everything); instead this hash enters the data hash, so only a real content change reruns."""
+    if not source or source == "synthetic":
+        return None
+    path = Path(source)
+    candidates = [Path(str(path).rstrip("/") + ".dvc")]
+    if any(ch in source for ch in "*?["):
+        candidates.append(Path(str(path.parent).rstrip("/") + ".dvc"))
+    for pointer in candidates:
+        if pointer.is_file():
+            outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or [{}]
+            return str(outs[0].get("md5") or outs[0].get("hash") or "")
+    return None
+
+
 def data_section(config: dict) -> dict:
-    return {k: config[k] for k in ("seed", "dataset", "resolutions", "autoencoder", "text_encoder")}
+    section = {k: config[k] for k in ("seed", "dataset", "resolutions", "autoencoder", "text_encoder")}
+    version = dvc_source_version(config["dataset"]["source"])
+    if version is not None:  # only when DVC tracks the source, so other configs keep their hashes
+        section["source_dvc_md5"] = version
+    return section
 
 
 def run_section(config: dict, run_id: str) -> dict:

@@ -1,4 +1,5 @@
 """Config schema, run grid and the Snakemake DAG as seen before any job runs."""
+import os
 import subprocess
 import sys
 import time
@@ -160,3 +161,19 @@ def test_stages_at_one_resolution_may_crop_differently(tmp_path):
     counts = _job_counts(out.stdout)
     # r16, r32 (center: VAE, evaluator, transfer) and r32-random (scratch) are prepared and encoded
     assert counts["prepare"] == 3 and counts["encode"] == 3 and counts["reference_stats"] == 2
+
+
+def test_dvc_tracked_source_reruns_on_content_not_on_mtime(tmp_path):
+    from ldm.config import data_section
+
+    raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    raw["dataset"]["source"] = str(tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    plain = digest(data_section(validate(raw)))
+    pointer = tmp_path / "images.dvc"
+    pointer.write_text("outs:\n- md5: 1111.dir\n  path: images\n")
+    first = digest(data_section(validate(raw)))
+    os.utime(tmp_path / "images", (1, 1))  # what a checkout does to the files: the hash does not move
+    assert digest(data_section(validate(raw))) == first != plain
+    pointer.write_text("outs:\n- md5: 2222.dir\n  path: images\n")  # new content
+    assert digest(data_section(validate(raw))) != first
