@@ -57,7 +57,8 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
 
 
 def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
-    """Each stage initialised from another against every from-scratch stage at the same resolution."""
+    """Each stage initialised from another against every from-scratch stage at the same resolution, for the
+    recipes that ran both (recipes may run a subset of the stages)."""
     by_key = {(r["recipe"], r["stage"]): r for r in records}
     stages = config["stages"]
     rows = []
@@ -67,6 +68,8 @@ def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
                 continue
             for other, other_spec in stages.items():
                 if other_spec.get("init") or other_spec["resolution"] != spec["resolution"]:
+                    continue
+                if (recipe, name) not in by_key or (recipe, other) not in by_key:
                     continue
                 a, b = by_key[(recipe, name)], by_key[(recipe, other)]
                 row = {"recipe": recipe, "resolution": a["resolution"], "transfer": name, "scratch": other,

@@ -71,3 +71,15 @@ def test_report_has_every_section_with_the_numbers(tmp_path):
     assert "| `dit/scratch` | 600 | 19,200 |" in text
     assert "| 6 |" in text and "supported" in text
     assert "| 5 |" in text and "not tested at this scale" in text
+
+
+def test_transfer_table_skips_recipes_that_ran_a_subset_of_the_stages():
+    from ldm.report import transfer_table
+
+    raw = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    raw["recipes"]["other"] = {"arch": "dit", "size": "tiny", "objective": "rectified_flow", "stages": ["transfer"]}
+    config = validate(raw)
+    records = [record("dit", "transfer", 120, 2), record("dit", "scratch", 160, 2),
+               record("other", "transfer", 130, 2), record("other", "pretrain", 150, 2)]
+    table = transfer_table(config, records)
+    assert list(table["recipe"]) == ["dit"]
