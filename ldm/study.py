@@ -133,21 +133,19 @@ def first_reach(record: dict, metric: str, level: float) -> int | None:
     return None
 
 
-def efficiency_section(spec: dict, by_ref: dict, by_run: dict, config: dict) -> str:
-    """Images seen (and training FLOPs where the metrics carry the model's cost) to reach one metric level:
-    the worst final value among the compared runs, so that every run reaches it. Transferred runs are
-    charged for their pre-training too."""
+def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tuple[float | None, dict]:
+    """(level, {run ref: (first step reaching it or None, images seen, training FLOPs or None)})."""
     metric = spec["metric"]
-    records = [by_ref.get(ref) for ref in spec["runs"]]
-    finals = [_stat(r, metric) for r in records if r is not None]
+    records = {ref: by_ref.get(ref) for ref in spec["runs"]}
+    finals = [_stat(r, metric) for r in records.values()]
     if len(finals) < 2 or any(f is None for f in finals):
-        return f"(not enough runs with `{metric}` yet)"
+        return None, {}
     level = min(f[0] for f in finals) if _better_sign(metric) > 0 else max(f[0] for f in finals)
     batch = config["training"]["batch_size"]
 
     def cost(record: dict, steps: int) -> tuple[int, float | None]:
         images = steps * batch
-        gflops = record.get("model", {}).get("train_gflops_per_image")
+        gflops = (record.get("model") or {}).get("train_gflops_per_image")
         flops = None if gflops is None else images * gflops * 1e9
         init = by_run.get(record.get("init_run") or "")
         if init is not None:
@@ -156,14 +154,27 @@ def efficiency_section(spec: dict, by_ref: dict, by_run: dict, config: dict) -> 
             flops = None if flops is None or init_flops is None else flops + init_flops
         return images, flops
 
-    rows = []
-    for ref, rec in zip(spec["runs"], records):
+    out = {}
+    for ref, rec in records.items():
         step = first_reach(rec, metric, level)
+        out[ref] = (step, *cost(rec, step)) if step is not None else (None, None, None)
+    return level, out
+
+
+def efficiency_section(spec: dict, by_ref: dict, by_run: dict, config: dict) -> str:
+    """Images seen (and training FLOPs where the metrics carry the model's cost) to reach one metric level:
+    the worst final value among the compared runs, so that every run reaches it. Transferred runs are
+    charged for their pre-training too."""
+    metric = spec["metric"]
+    level, costs = efficiency_costs(spec, by_ref, by_run, config)
+    if level is None:
+        return f"(not enough runs with `{metric}` yet)"
+    rows = []
+    for ref, (step, images, flops) in costs.items():
         if step is None:
             rows.append([f"`{ref}`", "not reached", "—", "—"])
-            continue
-        images, flops = cost(rec, step)
-        rows.append([f"`{ref}`", str(step), f"{images:,}", "n/a" if flops is None else f"{flops:.3g}"])
+        else:
+            rows.append([f"`{ref}`", str(step), f"{images:,}", "n/a" if flops is None else f"{flops:.3g}"])
     header = ["run", "first snapshot step reaching it", "images seen (incl. pre-training)", "training FLOPs"]
     note = (f"Level: `{metric}` = {level:.3f} (the worst final value among these runs). Steps are snapshot "
             f"steps, so reaching is resolved only to the snapshot spacing; snapshots before the last are "
@@ -171,7 +182,19 @@ def efficiency_section(spec: dict, by_ref: dict, by_run: dict, config: dict) -> 
     return note + _table(header, rows)
 
 
-def claims_section(study: dict, by_ref: dict, arch_order: list[tuple[str, float]] | None) -> str:
+def _compute_evidence(efficiency: tuple[float | None, dict] | None, baseline: str, variant: str):
+    """Training-FLOPs ratio baseline / variant to reach the efficiency level, when both reached it."""
+    if not efficiency or efficiency[0] is None:
+        return None
+    costs = efficiency[1]
+    (_, _, fb), (_, _, fv) = costs.get(baseline, (None,) * 3), costs.get(variant, (None,) * 3)
+    return None if not fb or not fv else fb / fv
+
+
+def claims_section(study: dict, by_ref: dict, arch_order: list[tuple[str, float]] | None,
+                   efficiency: tuple[float | None, dict] | None = None) -> str:
+    """Claim 6 is about compute: a quality win at equal high-res steps counts as "supported" only when
+    the baseline also reached the efficiency level with clearly less training compute (< 0.9x)."""
     rows = []
     for number, text in CLAIMS.items():
         items = study.get("claims", {}).get(number, [])
@@ -189,8 +212,16 @@ def claims_section(study: dict, by_ref: dict, arch_order: list[tuple[str, float]
             verdicts.append(c["verdict"])
             delta = "n/a" if c["delta"] is None else f"Δ = {c['delta']:+.3f} ± {c['se']:.3f}"
             evidence.append(f"`{item['variant']}` vs `{item['baseline']}` on {item['metric']}: {delta} ({c['verdict']})")
+        if number == "6" and items:
+            ratio = _compute_evidence(efficiency, items[0]["baseline"], items[0]["variant"])
+            if ratio is not None:
+                evidence.append(f"training FLOPs to reach the efficiency level: {ratio:.2f}x of `{items[0]['variant']}`")
+                if ratio >= 0.9:
+                    verdicts = ["partly supported" if v == "supported" else v for v in verdicts]
         if all(v == "not tested" for v in verdicts):
             verdict = "not tested at this scale"
+        elif "partly supported" in verdicts:
+            verdict = "partly supported"
         elif all(v == "supported" for v in verdicts if v != "not tested"):
             verdict = "supported"
         elif all(v == "contradicted" for v in verdicts if v != "not tested"):
@@ -254,7 +285,9 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
     parts += ["", "## Claims checklist", "",
               "Verdicts: the claimed direction by more than two standard errors is *supported*, the opposite "
               "*not supported*, anything between *inconclusive*.", "",
-              claims_section(study, by_ref, _arch_ranking(study, by_ref)), ""]
+              claims_section(study, by_ref, _arch_ranking(study, by_ref),
+                             efficiency_costs(study["efficiency"], by_ref, by_run, config)
+                             if "efficiency" in study else None), ""]
     path = results / "REPORT.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path

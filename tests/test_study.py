@@ -79,7 +79,31 @@ def test_transfer_table_skips_recipes_that_ran_a_subset_of_the_stages():
     raw = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
     raw["recipes"]["other"] = {"arch": "dit", "size": "tiny", "objective": "rectified_flow", "stages": ["transfer"]}
     config = validate(raw)
-    records = [record("dit", "transfer", 120, 2), record("dit", "scratch", 160, 2),
-               record("other", "transfer", 130, 2), record("other", "pretrain", 150, 2)]
+    records = [dict(record(r, s, 120, 2), resolution=64)
+               for r, s in [("dit", "transfer"), ("dit", "scratch"), ("other", "transfer"), ("other", "pretrain")]]
     table = transfer_table(config, records)
     assert list(table["recipe"]) == ["dit"]
+
+
+def test_claim_6_needs_less_compute_not_only_a_better_final_metric():
+    from ldm.study import claims_section, efficiency_costs
+
+    config = validate(yaml.safe_load((REPO / "config" / "default.yaml").read_text()))
+    pre = dict(record("dit", "pretrain", 140, 5, step=100), run_id="dit.synthetic.pretrain.32")
+    transfer = record("dit", "transfer", 120, 2, init="dit.synthetic.pretrain.32", step=600,
+                      curve=[{"step": 200, "fd_evaluator": 155}, {"step": 600, "fd_evaluator": 120}])
+    scratch = record("dit", "scratch", 160, 2, step=600, curve=[{"step": 600, "fd_evaluator": 160}])
+    by_ref = {"dit/pretrain": pre, "dit/transfer": transfer, "dit/scratch": scratch}
+    by_run = {r["run_id"]: r for r in by_ref.values()}
+    study = config["study"]
+
+    def verdict(gflops_pre, gflops_high):
+        pre["model"], transfer["model"], scratch["model"] = ({"train_gflops_per_image": g} for g in
+                                                            (gflops_pre, gflops_high, gflops_high))
+        table = claims_section(study, by_ref, None, efficiency_costs(study["efficiency"], by_ref, by_run, config))
+        return next(line for line in table.splitlines() if line.startswith("| 6 |"))
+
+    # level 160: transfer at step 200 (+100 pre-training steps) vs scratch at step 600, 32 images per step
+    assert "| supported |" in verdict(1.0, 1.0)  # (100 + 200) / 600 = 0.50x the compute
+    assert "| partly supported |" in verdict(8.0, 1.0)  # (800 + 200) / 600 = 1.67x
+    assert "1.67x" in verdict(8.0, 1.0)
