@@ -12,13 +12,16 @@ with ``base=None`` extends the range to coordinates never seen in training ("ext
 """
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "constructor_config",
     "Attention",
     "CrossAttention",
     "CaptionEmbedder",
@@ -35,6 +38,24 @@ __all__ = [
     "masked_mean",
     "key_mask",
 ]
+
+
+def constructor_config(cls: type, arguments: dict) -> dict:
+    """A model's ``config``: ``arch`` and every argument of ``cls.__init__`` by name, read from the
+    constructor's ``locals()`` (after it resolved defaults such as ``semantic``), so that
+    ``model_from_config(config)`` rebuilds the model. Mappings become plain dicts (empty -> None) and
+    tuples lists, so the config is JSON as saved in checkpoints."""
+    config = {"arch": arguments["self"].arch}  # the instance's: a subclass (the improved model) keeps its own
+    for name in inspect.signature(cls.__init__).parameters:
+        if name == "self":
+            continue
+        value = arguments[name]
+        if isinstance(value, Mapping):
+            value = dict(value) if value else None
+        elif isinstance(value, tuple):
+            value = list(value)
+        config[name] = value
+    return config
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

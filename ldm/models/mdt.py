@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .conditioning import ControlEmbedder
 from .layers import (
+    constructor_config,
     CaptionEmbedder,
     CrossAttention,
     LabelEmbedder,
@@ -229,17 +230,7 @@ class MDT(nn.Module):
             raise ValueError(f"depth - decode_layers must be even and >= 0, got {depth} - {decode_layers}")
         if mask_ratio < 0 or mask_ratio_jitter < 0 or mask_ratio + mask_ratio_jitter >= 1.0:
             raise ValueError(f"need 0 <= mask_ratio, jitter and mask_ratio + jitter < 1, got {mask_ratio}, {mask_ratio_jitter}")
-        self.config = dict(
-            arch=self.arch, latent_size=latent_size, in_channels=in_channels, num_classes=num_classes,
-            text_dim=text_dim, hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
-            decode_layers=decode_layers, mlp_ratio=mlp_ratio, mask_ratio=mask_ratio,
-            mask_ratio_jitter=mask_ratio_jitter, learn_sigma=learn_sigma, qk_norm=qk_norm, semantic=semantic,
-            class_dropout_prob=class_dropout_prob, control_mode=control_mode,
-            control_exponents=dict(control_exponents) if control_exponents else None,
-            control_offsets=dict(control_offsets) if control_offsets else None,
-            control_dropout_prob=control_dropout_prob, pos_embed_base=pos_embed_base,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self.config = constructor_config(MDT, locals())
         self.latent_size = latent_size
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .conditioning import ControlEmbedder, resolve_semantic, semantic_condition
 from .layers import (
+    constructor_config,
     Attention,
     CaptionEmbedder,
     CrossAttention,
@@ -133,29 +134,7 @@ class PixArt(GridPosEmbed, nn.Module):
         if latent_size % patch_size:
             raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
         semantic = resolve_semantic(semantic, "attention", text_dim, "PixArt")
-        self.config = dict(
-            arch=self.arch,
-            latent_size=latent_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            text_dim=text_dim,
-            semantic=semantic,
-            null_caption_tokens=null_caption_tokens,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            patch_size=patch_size,
-            mlp_ratio=mlp_ratio,
-            learn_sigma=learn_sigma,
-            qk_norm=qk_norm,
-            class_dropout_prob=class_dropout_prob,
-            control_mode=control_mode,
-            control_exponents=dict(control_exponents) if control_exponents else None,
-            control_offsets=dict(control_offsets) if control_offsets else None,
-            control_dropout_prob=control_dropout_prob,
-            pos_embed_base=pos_embed_base,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self.config = constructor_config(PixArt, locals())
         self.latent_size = latent_size
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels

@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .conditioning import ControlEmbedder
-from .layers import LabelEmbedder
+from .layers import LabelEmbedder, constructor_config
 
 __all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs"]
 
@@ -118,16 +118,7 @@ class LDMUNet(nn.Module):
         down = 2 ** (len(channel_mult) - 1)
         if latent_size % down:
             raise ValueError(f"latent_size {latent_size} is not divisible by the UNet's total downsampling {down}")
-        self.config = dict(
-            arch=self.arch, latent_size=latent_size, in_channels=in_channels, num_classes=num_classes,
-            text_dim=text_dim, model_channels=model_channels, channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks, attention_levels=list(attention_levels), context_dim=context_dim,
-            num_heads=num_heads, learn_sigma=learn_sigma, qk_norm=qk_norm, semantic=semantic,
-            class_dropout_prob=class_dropout_prob, control_mode=control_mode,
-            control_exponents=dict(control_exponents) if control_exponents else None,
-            control_offsets=dict(control_offsets) if control_offsets else None,
-            control_dropout_prob=control_dropout_prob, gradient_checkpointing=gradient_checkpointing,
-        )
+        self.config = constructor_config(LDMUNet, locals())
         self.latent_size = latent_size
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
