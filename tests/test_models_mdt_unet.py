@@ -286,7 +286,7 @@ def test_unet_matches_plain_diffusers_unet():
     text, mask = text_inputs()
     with torch.no_grad():
         a = tm(x, t, text=text, text_mask=mask)
-        b = plain(x, t, encoder_hidden_states=tm.text_proj(text), encoder_attention_mask=mask.float()).sample
+        b = plain(x, t, encoder_hidden_states=tm.text_embedder.y_proj(text), encoder_attention_mask=mask.float()).sample
     assert (a - b).abs().max() <= 1e-5
 
 

@@ -32,7 +32,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .conditioning import ControlEmbedder
-from .layers import LabelEmbedder, constructor_config
+from .layers import CaptionEmbedder, LabelEmbedder, constructor_config
 
 __all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs"]
 
@@ -137,8 +137,8 @@ class LDMUNet(nn.Module):
         if text_dim is None:
             self.y_embedder = LabelEmbedder(num_classes, sem_dim)
         else:
-            self.text_proj = nn.Linear(text_dim, sem_dim)
-            self.null_text = nn.Parameter(torch.zeros(1, 1, text_dim))
+            # linear caption projection + learned null caption for dropped captions (the shared embedder)
+            self.text_embedder = CaptionEmbedder(text_dim, sem_dim, projection="linear")
         if semantic == "adaln":
             self.null_context = nn.Parameter(torch.zeros(1, 1, context_dim))
         self.control_embedder = (
@@ -164,7 +164,7 @@ class LDMUNet(nn.Module):
         if self.text_dim is None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)
         else:
-            nn.init.normal_(self.null_text, std=self.text_dim**-0.5)
+            nn.init.normal_(self.text_embedder.y_embedding, std=self.text_dim**-0.5)
         if self.semantic == "adaln":
             nn.init.normal_(self.null_context, std=self.config["context_dim"] ** -0.5)
         if self.control_embedder is not None:
@@ -184,12 +184,7 @@ class LDMUNet(nn.Module):
             return self.y_embedder(class_labels).unsqueeze(1), None
         if text is None:
             raise ValueError("text-conditional UNet needs text (B, L, text_dim)")
-        if text_keep is not None:
-            keep = text_keep.to(text.dtype).reshape(B, 1, 1)
-            text = keep * text + (1 - keep) * self.null_text.to(text.dtype)
-            if text_mask is not None:
-                text_mask = text_mask | (text_keep.reshape(B, 1) == 0)
-        return self.text_proj(text), text_mask
+        return self.text_embedder(text, text_mask, text_keep)
 
     def forward(
         self,
