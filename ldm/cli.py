@@ -29,10 +29,20 @@ def _config(path: str) -> dict:
 
 
 def cmd_validate_config(args) -> None:
-    from .config import expand_runs
+    import yaml
 
-    config = _config(args.config)
-    print(f"{args.config}: ok ({len(expand_runs(config))} runs: " + ", ".join(r.run_id for r in expand_runs(config)) + ")")
+    from .config import ConfigError, expand_runs, study_scenarios
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    raw = yaml.safe_load(path.read_text())
+    is_study = isinstance(raw, dict) and "scenarios" in raw  # config/paper.yaml: several scenarios
+    scenarios = study_scenarios(raw, source=str(path)) if is_study else {"": _config(args.config)}
+    for name, config in scenarios.items():
+        runs = [r.run_id for r in expand_runs(config)]
+        label = f"{args.config}" + (f" scenario {name}" if name else "")
+        print(f"{label}: ok ({len(runs)} runs: " + ", ".join(runs) + ")")
 
 
 def cmd_synthesize(args) -> None:

@@ -177,3 +177,12 @@ def test_dvc_tracked_source_reruns_on_content_not_on_mtime(tmp_path):
     assert digest(data_section(validate(raw))) == first != plain
     pointer.write_text("outs:\n- md5: 2222.dir\n  path: images\n")  # new content
     assert digest(data_section(validate(raw))) != first
+
+
+def test_validate_config_lists_each_scenario_of_a_study(capsys):
+    from ldm.cli import main
+
+    assert main(["validate-config", str(REPO / "config" / "paper.yaml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].rsplit(" ", 1)[-1] for line in out] == ["imagenet1k", "cc12m"]
+    assert "ok (24 runs" in out[0] and "ok (16 runs" in out[1]
