@@ -215,7 +215,12 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H/p * W/p, D) tokens in row-major order, by a stride-p convolution."""
+    """(B, C, H, W) -> (B, H/p * W/p, D) tokens in row-major order, by a stride-p convolution.
+
+    The tokens are returned contiguous (token-major). The transposed conv output would otherwise be the
+    residual stream's memory layout for the whole network (``x + f(x)`` keeps its first operand's strides), and
+    every LayerNorm and Linear on it would copy it first: 3% of a CPU training step (PixArt small, profiled).
+    """
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -226,7 +231,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not divisible by patch size {p}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
