@@ -158,18 +158,20 @@ def sampling_captions(cache: LatentDataset, labels: torch.Tensor, recipe: dict, 
     noisy_replicate from a fixed generator, so every sampling seed sees the same captions)."""
     from .text import pad_tokens
 
-    data = cache.tensors()
+    data = cache.rows()
     if "text_emb" not in data:
         raise ConfigError(f"{cache.dir}: text-conditional sampling needs caption states in the latent cache "
                           "(it was encoded without a text encoder)")
-    by_class = [torch.nonzero(data["label"] == c).flatten() for c in range(len(cache.classes))]
+    labels_all = data.column("label")
+    by_class = [torch.nonzero(labels_all == c).flatten() for c in range(len(cache.classes))]
     empty = [cache.classes[c] for c, rows in enumerate(by_class) if len(rows) == 0]
     if empty:
         raise ConfigError(f"{cache.dir}: no cached caption of class(es) {empty} to condition on")
     K = len(cache.classes)
     rows = torch.stack([by_class[int(c)][(i // K) % len(by_class[int(c)])] for i, c in enumerate(labels)])
     mode = recipe.get("text_padding", "noisy_replicate")
-    states, mask = pad_tokens(data["text_emb"][rows].float(), data["text_len"][rows], mode=mode,
+    picked = data.gather(rows, ["text_emb", "text_len"])
+    states, mask = pad_tokens(picked["text_emb"].float(), picked["text_len"], mode=mode,
                               sigma=recipe.get("text_pad_sigma", 0.1), generator=torch.Generator().manual_seed(seed))
     return states, (mask if mode == "zero_mask" else None)
 

@@ -290,8 +290,9 @@ def encode_latents(
 class LatentDataset(torch.utils.data.Dataset):
     """Reader of a latent cache. With `verify`, every shard's sha256 is checked against the manifest
     up front (CorruptShardError names the file), so a truncated or bit-flipped cache fails before
-    training rather than midway. It keeps one shard loaded: fine for in-order reads and small caches;
-    for shuffled epochs over many shards use `ShardShuffledLatents`. Items are dicts of the shard tensors at one row, plus the 0-d
+    training rather than midway. Item access keeps one shard loaded: fine for in-order reads; training and
+    sampling draw random batches through `rows()` (memory-mapped shards), and a DataLoader streaming shuffled
+    epochs can use `ShardShuffledLatents`. Items are dicts of the shard tensors at one row, plus the 0-d
     `scaling_factor`/`shift_factor` so that `sample_latents` works on a collated batch."""
 
     def __init__(self, dir: Path, verify: bool = True):
@@ -346,6 +347,10 @@ class LatentDataset(torch.utils.data.Dataset):
         row = {name: t[i - self._offsets[k]] for name, t in self._load(k).items()}
         return {**row, **self._factors()}
 
+    def rows(self) -> MappedRows:
+        """The per-sample tensors, memory-mapped (`MappedRows`): for training and sampling at any cache size."""
+        return MappedRows(self)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """All shards concatenated (for small caches trained fully in memory)."""
         from safetensors.torch import load_file
@@ -353,6 +358,90 @@ class LatentDataset(torch.utils.data.Dataset):
         parts = [load_file(str(self.dir / s["file"])) for s in self.shards]
         out = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else {}
         return {**out, **self._factors()}
+
+
+# safetensors dtype names -> torch dtypes, for memory-mapping shards (`map_safetensors`)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as read-only views of one private memory map of the file.
+
+    Why by hand: safetensors' loaders (`load_file`, `safe_open(...).get_tensor`) copy each tensor into
+    memory, and a cache of CC12M's caption states does not fit there. The format is an 8-byte
+    little-endian header length, a JSON header (dtype, shape, byte offsets per tensor) and the raw data,
+    each tensor aligned to its element size, so every tensor is a zero-copy view of `torch.from_file`'s
+    map: pages are read when a row is indexed and shared through the page cache by all ranks of a node.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    size = path.stat().st_size
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)[8 + header_len:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CorruptShardError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not one a cache holds")
+        begin, end = info["data_offsets"]
+        out[name] = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+class MappedRows:
+    """The per-sample tensors of a latent cache, memory-mapped from its shards and gathered by global row.
+
+    Why: training draws random rows from the whole cache every step. Loading the cache (`tensors()`) costs
+    its full size in memory per process: about 42 GB of posteriors for ImageNet-1k at 256 px, and more for
+    CC12M's caption states, times the ranks of a node. Mapped, only the rows a batch touches are read, once
+    per node. `gather(idx)` returns exactly what indexing the concatenated tensors would.
+    """
+
+    def __init__(self, dataset: "LatentDataset"):
+        self.dataset = dataset
+        self._maps: dict[int, dict[str, torch.Tensor]] = {}
+        first = self._shard(0) if dataset.shards else {}
+        rows0 = int(dataset.shards[0]["rows"]) if dataset.shards else 0
+        # per-sample tensors only: one row per sample (a shard could also carry scalars)
+        self.names = [n for n, t in first.items() if t.dim() > 0 and t.shape[0] == rows0]
+        self.shapes = {n: tuple(first[n].shape[1:]) for n in self.names}
+        self.dtypes = {n: first[n].dtype for n in self.names}
+        self._offsets = torch.tensor(dataset._offsets, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def _shard(self, k: int) -> dict[str, torch.Tensor]:
+        if k not in self._maps:
+            self._maps[k] = map_safetensors(self.dataset.dir / self.dataset.shards[k]["file"])
+        return self._maps[k]
+
+    def gather(self, idx: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Rows `idx` (global, any order, repeats allowed) of each tensor in `names` (default: all)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"row index out of range [0, {len(self)}) in {self.dataset.dir}")
+        names = self.names if names is None else names
+        shard = torch.searchsorted(self._offsets, idx, right=True) - 1
+        out = {n: torch.empty((len(idx), *self.shapes[n]), dtype=self.dtypes[n]) for n in names}
+        for k in torch.unique(shard).tolist():
+            where = torch.nonzero(shard == k).flatten()
+            rows = idx[where] - self._offsets[k]
+            tensors = self._shard(k)
+            for n in names:
+                out[n][where] = tensors[n][rows]
+        return out
+
+    def column(self, name: str) -> torch.Tensor:
+        """One tensor over the whole cache (for small per-sample columns such as labels)."""
+        return self.gather(torch.arange(len(self)), [name])[name]
 
 
 def _seed(*parts) -> int:

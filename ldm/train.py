@@ -298,9 +298,8 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
 
     dataset = LatentDataset(latents_dir(config, run_id))
     count = len(dataset)
-    # per-sample tensors only (the cache also carries its scalar scale/shift factors)
-    data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == count}
-    latent_shape = tuple(data["mean"].shape[1:])
+    data = dataset.rows()  # memory-mapped: a batch reads its own rows, whatever the cache's size
+    latent_shape = data.shapes["mean"]
     num_classes = len(dataset.classes)
     text_conditional = recipe.get("conditioning", "class") == "text"
     text_info = dataset.manifest.get("text_encoder") or {}
@@ -421,7 +420,7 @@ def train_run(config: dict, run_id: str, log=print) -> Path:
         # (flips + posterior noise, condition dropout, text padding, timesteps + noise), then takes its
         # share: the draws per sample do not depend on world size or grad_accum.
         idx, order = _next_batch(order, data_state, batch_size, count, data_gen)
-        batch = {k: v[idx] for k, v in data.items()}
+        batch = data.gather(idx)
         x0, flipped = sample_latents(batch, generator=noise_gen, scaling_factor=dataset.scaling_factor,
                                      shift_factor=dataset.shift_factor)
         control = _flip_control(batch["control"].float(), flipped)

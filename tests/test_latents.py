@@ -16,7 +16,7 @@ import torch
 
 from ldm.autoencoder import (MissingWeightsError, load_vae, tiny_vae_config, train_tiny_vae,
                              vae_identity)
-from ldm.latents import (CorruptShardError, LatentDataset, ShardShuffledLatents, encode_latents,
+from ldm.latents import (CorruptShardError, LatentDataset, ShardShuffledLatents, encode_latents, map_safetensors,
                          sample_latents)
 from ldm.text import load_text_encoder, minilm_path, pad_tokens
 
@@ -317,6 +317,32 @@ def test_dataset_items_and_sampling(cache):
     z1, f1 = sample_latents(t, torch.Generator().manual_seed(5))
     z2, f2 = sample_latents(t, torch.Generator().manual_seed(5))
     assert torch.equal(z1, z2) and torch.equal(f1, f2)
+
+
+def test_mapped_rows_equal_loaded_tensors(cache, tmp_path):
+    """Training's memory-mapped reader gives exactly the rows of the loaded, concatenated cache: across
+    shard boundaries (7 rows in shards of 3), in any order, with repeats; bad indices are refused."""
+    ds = LatentDataset(cache["a"])
+    t, rows = ds.tensors(), ds.rows()
+    assert len(ds.shards) == 3 and len(rows) == 7
+    assert set(rows.names) == {k for k, v in t.items() if v.dim() > 0}
+    idx = torch.tensor([6, 0, 3, 3, 2, 5, 1, 4, 6])
+    got = rows.gather(idx)
+    for name in rows.names:
+        assert got[name].dtype == t[name].dtype and torch.equal(got[name], t[name][idx]), name
+    assert torch.equal(rows.column("label"), t["label"])
+    assert set(rows.gather(torch.tensor([1]), ["text_len"])) == {"text_len"}
+    with pytest.raises(IndexError, match="out of range"):
+        rows.gather(torch.tensor([7]))
+    # every dtype a safetensors file can hold maps to the same values safetensors itself loads
+    from safetensors.torch import load_file, save_file
+    mixed = {"bf16": torch.randn(5, 3).bfloat16(), "f64": torch.randn(2).double(), "i8": torch.arange(3, dtype=torch.int8),
+             "b": torch.tensor([True, False]), "u8": torch.arange(7, dtype=torch.uint8), "f32": torch.randn(4, 2)}
+    save_file(mixed, str(tmp_path / "m.safetensors"), {"note": "metadata is skipped"})
+    mapped, loaded = map_safetensors(tmp_path / "m.safetensors"), load_file(str(tmp_path / "m.safetensors"))
+    assert mapped.keys() == loaded.keys()
+    for name, value in loaded.items():
+        assert mapped[name].dtype == value.dtype and torch.equal(mapped[name], value), name
 
 
 def test_resume_reencodes_only_missing_shard_bit_identically(cache, vae_dir):

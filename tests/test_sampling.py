@@ -127,8 +127,18 @@ def test_text_model_guidance_drops_the_caption_not_a_class():
                        guidance_semantic=2.0, seeds=[0], batch_size=1)
 
 
+class _Rows(dict):
+    """In-memory stand-in for `MappedRows` (whose equality with the loaded cache tests/test_latents.py checks)."""
+
+    def column(self, name):
+        return self[name]
+
+    def gather(self, idx, names):
+        return {n: self[n][idx] for n in names}
+
+
 class _Cache:
-    """The three things `sampling_captions` reads from a LatentDataset."""
+    """The things `sampling_captions` reads from a LatentDataset."""
 
     def __init__(self, labels, lengths, dim=6, length=5):
         self.dir = "cache"
@@ -138,6 +148,9 @@ class _Cache:
 
     def tensors(self):
         return self._data
+
+    def rows(self):
+        return _Rows(self._data)
 
 
 def test_sampling_captions_are_class_balanced_fixed_and_padded_as_trained():
