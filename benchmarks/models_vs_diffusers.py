@@ -4,8 +4,9 @@ One training step = forward, MSE loss, backward, AdamW step, on CPU with one thr
 Ours and theirs are built in this process with the same widths/depths/heads and input shapes (DiT
 class-conditional; PixArt and MM-DiT text-conditional with 32 caption tokens of 384-d, MiniLM's width), timed
 one step at a time, alternating sides (and which side goes first) so that load on a shared machine hits both
-alike; the median step counts (repeats x steps-per-repeat steps each). The last column is ours/theirs in
-steps per second (>= 1: ours is at least as fast).
+alike; the median step counts (repeats x steps-per-repeat steps each). The ratio column is ours/theirs in
+steps per second (>= 1: ours is at least as fast), followed by its 95% bootstrap interval (both sides' steps
+resampled 2000 times): an interval that contains 1 means the two are at parity within what this run can resolve.
 
     python benchmarks/models_vs_diffusers.py [--sizes tiny small] [--repeats 5] [--json]
 """
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +107,16 @@ def seconds(step, n: int) -> float:
     return time.perf_counter() - start
 
 
+def ratio_interval(ours: list[float], theirs: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of median(theirs) / median(ours) (the speed ratio ours/theirs)."""
+    rng = np.random.default_rng(seed)
+    o, t = np.asarray(ours), np.asarray(theirs)
+    ratios = (np.median(rng.choice(t, (resamples, len(t))), axis=1)
+              / np.median(rng.choice(o, (resamples, len(o))), axis=1))
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(STEPS))
@@ -115,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'model':<14}{'params':>12}{'ours steps/s':>14}{'theirs steps/s':>16}{'ours/theirs':>13}")
+    print(f"{'model':<14}{'params':>12}{'ours steps/s':>14}{'theirs steps/s':>16}{'ours/theirs':>13}{'95% interval':>17}")
     for size in args.sizes:
         for arch in args.archs:
             n = STEPS[size]
@@ -126,11 +138,13 @@ def main() -> None:
                 for side in ((ours, t_ours), (theirs, t_theirs))[:: 1 if i % 2 == 0 else -1]:
                     side[1].append(seconds(side[0], 1))
             med_o, med_t = n * statistics.median(t_ours), n * statistics.median(t_theirs)
-            ratio = med_t / med_o
+            ratio, (low, high) = med_t / med_o, ratio_interval(t_ours, t_theirs)
             rows.append({"arch": arch, "size": size, "steps_timed": args.repeats * n, "params_ours": p_ours,
                          "params_theirs": p_theirs, "ours_step_s": t_ours, "theirs_step_s": t_theirs,
-                         "ours_steps_per_s": n / med_o, "theirs_steps_per_s": n / med_t, "ratio": ratio})
-            print(f"{arch + ' ' + size:<14}{p_ours:>12,}{n / med_o:>14.2f}{n / med_t:>16.2f}{ratio:>13.3f}")
+                         "ours_steps_per_s": n / med_o, "theirs_steps_per_s": n / med_t, "ratio": ratio,
+                         "ratio_95": [low, high]})
+            print(f"{arch + ' ' + size:<14}{p_ours:>12,}{n / med_o:>14.2f}{n / med_t:>16.2f}{ratio:>13.3f}"
+                  f"{f'[{low:.3f}, {high:.3f}]':>17}")
     if args.json:
         out = REPO / "benchmarks" / "results" / "models_vs_diffusers.json"
         out.write_text(json.dumps({
