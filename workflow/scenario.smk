@@ -22,8 +22,10 @@ LDM = f"{sys.executable} -m ldm.cli"
 # Every job reads the validated config from one JSON file; it is rewritten only when its content changes,
 # and each rule's `params` carry a hash of exactly the config slice it depends on, so editing one
 # recipe reruns that recipe's jobs and nothing else.
+# Keys keep the YAML's order (no sort_keys): run lists, tables and plots follow the order the config gives,
+# whether a job reads this file or `ldm report --config` (DVC's report stage) reads the YAML.
 CONFIG_JSON = Path(W) / "config.json"
-_text = json.dumps(CFG, indent=2, sort_keys=True)
+_text = json.dumps(CFG, indent=2)
 if not CONFIG_JSON.exists() or CONFIG_JSON.read_text() != _text:
     CONFIG_JSON.parent.mkdir(parents=True, exist_ok=True)
     CONFIG_JSON.write_text(_text)
