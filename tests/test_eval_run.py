@@ -157,7 +157,7 @@ def test_text_recipe_on_a_cache_without_captions_fails_with_one_line(scenario, m
     config, _ = scenario
     config["recipes"]["dit"]["conditioning"] = "text"
     monkeypatch.setattr(FakeCache, "dir", "cache", raising=False)
-    monkeypatch.setattr(FakeCache, "tensors", lambda self: {"label": torch.arange(8) % 4}, raising=False)
+    monkeypatch.setattr(FakeCache, "rows", lambda self: {"label": torch.arange(8) % 4}, raising=False)
     with pytest.raises(Exception, match="text-conditional sampling needs caption states"):
         generate_mod.sample_run(config, RUN, log=lambda *_: None)
     shutil.rmtree(Path(config["workdir"]) / "runs" / RUN / "samples", ignore_errors=True)
