@@ -161,12 +161,11 @@ def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tu
     return level, out
 
 
-def efficiency_section(spec: dict, by_ref: dict, by_run: dict, config: dict) -> str:
+def efficiency_section(metric: str, efficiency: tuple[float | None, dict]) -> str:
     """Images seen (and training FLOPs where the metrics carry the model's cost) to reach one metric level:
     the worst final value among the compared runs, so that every run reaches it. Transferred runs are
-    charged for their pre-training too."""
-    metric = spec["metric"]
-    level, costs = efficiency_costs(spec, by_ref, by_run, config)
+    charged for their pre-training too. `efficiency` is `efficiency_costs`'s result."""
+    level, costs = efficiency
     if level is None:
         return f"(not enough runs with `{metric}` yet)"
     rows = []
@@ -272,8 +271,10 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
         parts += ["## Ablations", ""]
         for name, spec in study["ablations"].items():
             parts += [ablation_section(name, spec, by_ref, metrics), ""]
-    if "efficiency" in study:
-        parts += ["## Training efficiency", "", efficiency_section(study["efficiency"], by_ref, by_run, config), ""]
+    # computed once: the efficiency table and claim 6's compute evidence both read it
+    efficiency = efficiency_costs(study["efficiency"], by_ref, by_run, config) if "efficiency" in study else None
+    if efficiency is not None:
+        parts += ["## Training efficiency", "", efficiency_section(study["efficiency"]["metric"], efficiency), ""]
     plots = [("metric vs. training step, every run", "plots/curves.png"),
              ("guidance sweeps", "plots/guidance.png"),
              ("transfer vs. scratch", "tables/transfer_vs_scratch.md"),
@@ -285,9 +286,7 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
     parts += ["", "## Claims checklist", "",
               "Verdicts: the claimed direction by more than two standard errors is *supported*, the opposite "
               "*not supported*, anything between *inconclusive*.", "",
-              claims_section(study, by_ref, _arch_ranking(study, by_ref),
-                             efficiency_costs(study["efficiency"], by_ref, by_run, config)
-                             if "efficiency" in study else None), ""]
+              claims_section(study, by_ref, _arch_ranking(study, by_ref), efficiency), ""]
     path = results / "REPORT.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path
