@@ -77,6 +77,12 @@ class Run:
         return self.res_name if self.crop == "center" else f"{self.res_name}-{self.crop}"
 
 
+def parse_data_key(key: str) -> tuple[int, str]:
+    """Inverse of `Run.data_key`: `r64` -> (64, "center"), `r64-random` -> (64, "random")."""
+    px, _, crop = key[1:].partition("-")
+    return int(px), crop or "center"
+
+
 def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():

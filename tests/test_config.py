@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldm.config import ConfigError, digest, expand_runs, load_config, merge, run_section, validate
+from ldm.config import (ConfigError, digest, expand_runs, load_config, merge, parse_data_key, run_section,
+                        validate)
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -153,6 +154,7 @@ def test_stages_at_one_resolution_may_crop_differently(tmp_path):
     raw["stages"]["scratch"]["crop"] = "random"
     runs = {r.stage: r for r in expand_runs(validate(raw))}
     assert (runs["transfer"].data_key, runs["scratch"].data_key) == ("r32", "r32-random")
+    assert [parse_data_key(r.data_key) for r in (runs["transfer"], runs["scratch"])] == [(32, "center"), (32, "random")]
     path = tmp_path / "crop.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",

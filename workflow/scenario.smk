@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ldm.config import (ConfigError, data_section, digest, eval_section, expand_runs, job_resources, launcher,
-                        run_section, validate)
+                        parse_data_key, run_section, validate)
 
 try:
     CFG = validate(config, source=config.get("name", "config"))

@@ -28,11 +28,11 @@ rule synthesize:
 
 
 def data_params(key):
-    """(resolution, crop, rerun hash) of a data key `r<px>` (center crop) or `r<px>-<crop>` (stage crop)."""
-    px, _, crop = key[1:].partition("-")
+    """(resolution, crop, rerun hash) of a data key (`Run.data_key`: `r<px>` or `r<px>-<crop>`)."""
+    px, crop = parse_data_key(key)
     # center-crop keys keep the hash they had before crops were per stage (no spurious reruns)
-    h = digest([data_section(CFG), px]) if not crop else digest([data_section(CFG), px, crop])
-    return int(px), crop or "center", h
+    parts = [data_section(CFG), str(px)] + ([] if crop == "center" else [crop])
+    return px, crop, digest(parts)
 
 
 rule prepare:
