@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .metrics import registry
 from .provenance import atomic_write_bytes
 
 #: PAPER.md, "Claims a small-scale run can test" (abbreviated).
@@ -39,12 +40,10 @@ PUBLISHED_FID = {
     "improved": (None, "2411.03177: 2.76 at ImageNet 512 px (summary site, unverified)"),
 }
 
-LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True}
-
 
 def _better_sign(metric: str) -> int:
-    """+1 where larger is better, -1 where smaller is better."""
-    return -1 if LOWER_IS_BETTER.get(metric, False) else 1
+    """+1 where larger is better, -1 where smaller is better (the registry's direction; unknown names raise)."""
+    return registry.better_sign(metric)
 
 
 def _stat(record: dict | None, metric: str) -> tuple[float, float, int] | None:
@@ -75,10 +74,10 @@ def compare(baseline: dict | None, variant: dict | None, metric: str) -> dict:
 
 
 def _metric_names(records: list[dict]) -> list[str]:
-    order = ["fd_evaluator", "fid_clean", "fid_legacy_tf", "cond_accuracy", "clip_score", "precision", "recall",
-             "size_consistency"]
-    present = {m for r in records for m in r.get("metrics", {})}
-    return [m for m in order if m in present]
+    """The records' metrics in the registry's REPORT.md order; a metric the registry does not know raises
+    instead of silently dropping out (by-products such as size_consistency_pairwise stay in tables/runs.md)."""
+    present = {registry.metric(m).name for r in records for m in r.get("metrics", {})}
+    return [m for m in registry.report_order() if m in present]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
