@@ -6,7 +6,9 @@
 # Every config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
 import yaml
 
-from ldm.config import ConfigError, expand_runs, merge, study_scenarios
+from ldm.config import ConfigError, merge, study_scenarios
+from ldm.layout import Layout
+from ldm.spec import expand_runs
 
 # No `configfile:` directive: Snakemake would deep-merge it under a --configfile, leaking the default's
 # recipes into every other scenario. Without --configfile the embedded default is used (plus --config).
@@ -25,8 +27,9 @@ except ConfigError as exc:
 def _targets(cfg, kind):
     """Files that make a scenario complete: its report (`all`) or its metrics (`metrics`), plus checkpoints."""
     runs = [r.run_id for r in expand_runs(cfg)]
-    done = [f"{cfg['results']}/summary.json"] if kind == "all" else [f"{cfg['results']}/metrics/{r}.json" for r in runs]
-    return done + [f"{cfg['workdir']}/runs/{r}/final.safetensors" for r in runs]
+    layout = Layout.of(cfg)
+    done = [layout.summary] if kind == "all" else [layout.metrics(r) for r in runs]
+    return [str(p) for p in done + [layout.run(r).final for r in runs]]
 
 
 if SCENARIOS is None:

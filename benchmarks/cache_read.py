@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.train_overhead import cpu_model, minimal_step_fn  # noqa: E402
 from ldm.config import load_config  # noqa: E402
-from ldm.latents import LatentDataset, ShardShuffledLatents  # noqa: E402
-from ldm.train import latents_dir  # noqa: E402
+from ldm.layout import Layout  # noqa: E402
+from ldm.latent_cache import LatentDataset, ShardShuffledLatents  # noqa: E402
 
 RUN = "dit.synthetic.scratch.64"
+RUN_DATA = "r64"  # the run's latent cache (64 px, center crop)
 
 
 def read_rate(cache: Path, batch_size: int, epochs: int, window: int) -> float:
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = load_config(REPO / "config" / "default.yaml")
-    cache = latents_dir(config, RUN)
+    cache = Layout.of(config).latents(RUN_DATA)
     if not (cache / "manifest.json").exists():
         sys.exit(f"no latent cache at {cache}: run `snakemake --cores 2` (the embedded default) first")
     batch_size = config["training"]["batch_size"]

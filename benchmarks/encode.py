@@ -2,7 +2,7 @@
 
 Both sides start from the same prepared rows (PNG bytes, already read from parquet) of the embedded
 default's 64 px data and do the same work per image: decode the PNG, and take the VAE posterior (mean,
-std) of the crop and of its horizontal mirror. The batched side is `ldm.latents._encode_shard`, the code
+std) of the crop and of its horizontal mirror. The batched side is `ldm.stages.encode._encode_shard`, the code
 `ldm encode` runs per shard (crop and mirror of `--batch-size` images in one forward); the loop side calls
 `vae.encode` once per image and once per mirror. Text encoding is left out of both (`--text-encoder none`).
 Repeats alternate the two sides so that machine load hits both alike; medians are reported, and the
@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.train_overhead import cpu_model  # noqa: E402
 from ldm.autoencoder import load_vae  # noqa: E402
 from ldm.config import load_config  # noqa: E402
-from ldm.latents import _encode_shard, _PreparedRows  # noqa: E402
+from ldm.data.prepared import PreparedRows  # noqa: E402
+from ldm.stages.encode import _encode_shard  # noqa: E402
 
 
 @torch.no_grad()
@@ -66,7 +67,7 @@ def main() -> None:
     vae_dir = Path(config["workdir"]) / "vae"
     if not (prepared / "report.json").exists() or not (vae_dir / "config.json").exists():
         sys.exit("no prepared data or VAE: run `snakemake --cores 2` (the embedded default) first")
-    source = _PreparedRows(prepared, json.loads((prepared / "report.json").read_text()))
+    source = PreparedRows(prepared, json.loads((prepared / "report.json").read_text()))
     n = min(args.images, len(source))
     rows = source.rows(0, n)
     vae = load_vae(str(vae_dir))

@@ -26,11 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.train_overhead import cpu_model  # noqa: E402
-from ldm.config import load_config, sampler_for  # noqa: E402
-from ldm.generate import decode_to_uint8, image_seeds, sampling_conditions  # noqa: E402
+from ldm.checkpoint import load_final  # noqa: E402
+from ldm.config import load_scenario  # noqa: E402
 from ldm.models import build_model, model_from_config  # noqa: E402
+from ldm.recipe import build_run_objective  # noqa: E402
 from ldm.sampling import FORWARD_BATCH, sample_latents  # noqa: E402
-from ldm.train import build_run_objective, load_final  # noqa: E402
+from ldm.stages.sample import decode_to_uint8, image_seeds, sampling_conditions  # noqa: E402
 
 RUN = "dit.synthetic.scratch.64"
 LATENT = (4, 16, 16)  # the default's 64 px latents (tiny VAE, factor 4)
@@ -59,11 +60,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="write benchmarks/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(REPO / "config" / "default.yaml")
+    scenario = load_scenario(REPO / "config" / "default.yaml")
+    config, run = scenario.config, scenario.run(RUN)
     scfg = config["sampling"]
     model, weights = default_model(config)
-    objective = build_run_objective(config, RUN)
-    sampler = sampler_for(config, "dit")
+    objective = build_run_objective(scenario, run)
+    sampler = scenario.sampler(run)
     labels, control = sampling_conditions(args.samples, NUM_CLASSES, scfg["original_size"])
     kw = dict(latent_shape=LATENT, steps=scfg["steps"], guidance_semantic=scfg["guidance"],
               guidance_control=scfg["guidance_control"], guidance_interval=scfg["guidance_interval"],

@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ldm.config import load_config  # noqa: E402
-from ldm.latents import LatentDataset, sample_latents  # noqa: E402
-from ldm.train import build_run_model, build_run_objective, latents_dir, train_run  # noqa: E402
+from ldm.latent_cache import LatentDataset, sample_latents  # noqa: E402
+from ldm.recipe import build_run_model, build_run_objective  # noqa: E402
+from ldm.spec import Scenario  # noqa: E402
+from ldm.stages.train import train_run  # noqa: E402
 
 RUN = "dit.synthetic.pretrain.32"
 
@@ -46,7 +48,8 @@ def ldm_train_seconds(config: dict, steps: int) -> float:
     config["stages"]["pretrain"]["steps"] = steps
     config["training"]["snapshots"] = 1
     start = time.perf_counter()
-    train_run(config, RUN, log=lambda *_: None)
+    scenario = Scenario(config)
+    train_run(scenario, scenario.run(RUN), log=lambda *_: None)
     elapsed = time.perf_counter() - start
     shutil.rmtree(work)
     return elapsed
@@ -55,11 +58,13 @@ def ldm_train_seconds(config: dict, steps: int) -> float:
 def minimal_step_fn(config: dict, run: str = RUN):
     """Set up the minimal loop for `run` (its cache, model, objective, AdamW) and return one training step:
     batch indexing, noise, forward, backward, optimizer step; nothing else."""
-    dataset = LatentDataset(latents_dir(config, run), verify=False)
+    scenario = Scenario(config)
+    run = scenario.run(run)
+    dataset = LatentDataset(scenario.layout.latents(run.data_key), verify=False)
     data = {k: v for k, v in dataset.tensors().items() if v.dim() > 0 and v.shape[0] == len(dataset)}
     torch.manual_seed(0)
-    model = build_run_model(config, run, tuple(data["mean"].shape[1:]), len(dataset.classes))
-    objective = build_run_objective(config, run)
+    model = build_run_model(scenario, run, tuple(data["mean"].shape[1:]), len(dataset.classes))
+    objective = build_run_objective(scenario, run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["training"]["lr"])
     gen = torch.Generator().manual_seed(0)
     batch_size = config["training"]["batch_size"]

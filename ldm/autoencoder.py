@@ -30,14 +30,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ldm.errors import MissingWeightsError  # noqa: F401 - raised here, re-exported for callers
 from ldm.provenance import atomic_replace_dir, file_sha256
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights are not available here (missing directory, unknown or uncached hub id)."""
 
 
 # --------------------------------------------------------------------------------------------- config

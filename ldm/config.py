@@ -1,19 +1,20 @@
-"""Experiment configs: load, fill defaults, validate against the JSON schema, expand the grid into runs.
+"""Experiment configs: load, fill defaults, validate against the JSON schema and cross-field rules.
 
 This module is imported by the Snakefile at DAG-build time, so it must stay light (no torch).
-A config is one YAML per scenario; `expand_runs` turns its recipes x stages into stable run ids that
-the Snakefile, DVC and the CLI all share, so there is one source of truth for the experiment grid.
+A config is one YAML per scenario; defaults are applied here and nowhere else, and `load_scenario` hands
+stages the validated config as an `ldm.spec.Scenario` (the grid expanded once into typed runs).
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 import yaml
+
+from .errors import ConfigError
+from .spec import SAMPLERS, Scenario, expand_runs, sampler_for
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -45,42 +46,7 @@ RECIPE_DEFAULTS = {
     "control_exponents": {}, "control_offsets": {}, "text_padding": "noisy_replicate", "text_pad_sigma": 0.1,
     "class_dropout": 0.1, "control_dropout": 0.1, "qk_norm": False, "gradient_checkpointing": False, "options": {},
 }
-FLOW_SAMPLERS = ("euler",)
-DDPM_SAMPLERS = ("ddim", "dpm", "ddpm")
 STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate", "schedule_shift": "none"}
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run of the grid: a recipe trained at one stage (resolution, step budget, init)."""
-
-    run_id: str
-    recipe: str
-    stage: str
-    resolution: int
-    init_run: str | None
-    init_checkpoint: str | None = None  # a checkpoint from outside this grid (dataset transfer)
-    crop: str = "center"
-
-    @property
-    def res_name(self) -> str:
-        return f"r{self.resolution}"
-
-    @property
-    def data_key(self) -> str:
-        """Directory of the run's prepared data and latent cache: one per resolution and crop policy
-        (`r64`, `r64-random`), so stages at one resolution may crop differently."""
-        return self.res_name if self.crop == "center" else f"{self.res_name}-{self.crop}"
-
-
-def parse_data_key(key: str) -> tuple[int, str]:
-    """Inverse of `Run.data_key`: `r64` -> (64, "center"), `r64-random` -> (64, "random")."""
-    px, _, crop = key[1:].partition("-")
-    return int(px), crop or "center"
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -134,7 +100,7 @@ def validate(config: dict, source: str = "config") -> dict:
         if unknown:
             raise ConfigError(f"{source}: recipes.{name}.stages: unknown stage(s) {unknown}; "
                               f"defined: {', '.join(full['stages'])}")
-        family = FLOW_SAMPLERS if recipe["objective"] == "rectified_flow" else DDPM_SAMPLERS
+        family = SAMPLERS[recipe["objective"]]
         sampler = sampler_for(full, name)
         if sampler not in family:
             where = f"recipes.{name}.sampler" if "sampler" in recipe else "sampling.sampler"
@@ -182,24 +148,12 @@ def _check_study_refs(config: dict, source: str) -> None:
                 raise ConfigError(f"{source}: study.architectures.stages: unknown stage {stage!r}")
 
 
-def sampler_for(config: dict, recipe: str) -> str:
-    """The sampler of one recipe: its own `sampler`, else `sampling.sampler` (a name, or one per objective)."""
-    spec = config["recipes"][recipe]
-    if "sampler" in spec:
-        return spec["sampler"]
-    sampler = config["sampling"]["sampler"]
-    if isinstance(sampler, dict):
-        default = "euler" if spec["objective"] == "rectified_flow" else "ddim"
-        return sampler.get(spec["objective"], default)
-    return sampler
-
-
-def job_resources(config: dict, rule: str, run_id: str | None = None) -> dict:
-    """A job's resources: `resources.default`, then `resources.<rule>`, then (train) the stage's own."""
+def job_resources(config: dict, rule: str, stage: str | None = None) -> dict:
+    """A job's resources: `resources.default`, then `resources.<rule>`, then (train) the run's stage's own."""
     res = config["resources"]
     out = merge(res.get("default", {}), res.get(rule, {}))
-    if run_id is not None and rule == "train":
-        out = merge(out, config["stages"][get_run(config, run_id).stage].get("resources", {}))
+    if stage is not None and rule == "train":
+        out = merge(out, config["stages"][stage].get("resources", {}))
     return out
 
 
@@ -262,124 +216,11 @@ def load_config(path: str | Path) -> dict:
     return validate(raw, source=str(path))
 
 
-def expand_runs(config: dict) -> list[Run]:
-    """All runs of the grid, init stages before the stages they initialise."""
-    dataset = config["dataset"]["name"]
-    runs = []
-    order = _stage_order(config["stages"])
-    for recipe, spec_ in config["recipes"].items():
-        wanted = _with_inits(config["stages"], spec_.get("stages") or order)
-        for stage in (s for s in order if s in wanted):
-            spec = config["stages"][stage]
-            px = config["resolutions"][spec["resolution"]]
-            init = spec.get("init")
-            init_run = None
-            if init is not None:
-                init_px = config["resolutions"][config["stages"][init]["resolution"]]
-                init_run = f"{recipe}.{dataset}.{init}.{init_px}"
-            runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run,
-                            spec.get("init_checkpoint"), spec.get("crop", "center")))
-    return runs
-
-
-def _with_inits(stages: dict, names) -> set[str]:
-    """The named stages plus every stage they initialise from (a transfer needs its pre-training)."""
-    out: set[str] = set()
-    for name in names:
-        while name and name not in out:
-            out.add(name)
-            name = stages[name].get("init")
-    return out
-
-
-def _stage_order(stages: dict) -> list[str]:
-    order: list[str] = []
-
-    def visit(name: str, seen: tuple = ()) -> None:
-        if name in order:
-            return
-        if name in seen:
-            raise ConfigError(f"stages.{name}.init: cycle through {' -> '.join(seen + (name,))}")
-        init = stages[name].get("init")
-        if init:
-            visit(init, seen + (name,))
-        order.append(name)
-
-    for name in stages:
-        visit(name)
-    return order
-
-
-def schedule_shift(config: dict, run: Run) -> float:
-    """The stage's noise-schedule shift factor; `auto` = resolution / low resolution (PAPER.md:
-    SD3's t' = a t / (1 + (a - 1) t) for flow with a = sqrt(N'/N) tokens, log-SNR - 2 log a for DDPM)."""
-    shift = config["stages"][run.stage]["schedule_shift"]
-    if shift == "none":
-        return 1.0
-    if shift == "auto":
-        return run.resolution / config["resolutions"]["low"]
-    return float(shift)
-
-
-def get_run(config: dict, run_id: str) -> Run:
-    for run in expand_runs(config):
-        if run.run_id == run_id:
-            return run
-    known = ", ".join(r.run_id for r in expand_runs(config))
-    raise ConfigError(f"unknown run {run_id!r}; the config defines: {known}")
-
-
-def digest(obj) -> str:
-    """Stable short hash of a JSON-able object (rerun trigger and provenance)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def dvc_source_version(source: str) -> str | None:
-    """Content hash DVC recorded for a raw data source (`<source>.dvc`, or `<dir>.dvc` of a glob's folder).
-
-    Rules never take raw files as inputs (a `dvc pull`/`dvc checkout` rewrites them with new mtimes and would
-    rerun everything); instead this hash enters the data hash, so only a real content change reruns."""
-    if not source or source == "synthetic":
-        return None
-    path = Path(source)
-    candidates = [Path(str(path).rstrip("/") + ".dvc")]
-    if any(ch in source for ch in "*?["):
-        candidates.append(Path(str(path.parent).rstrip("/") + ".dvc"))
-    for pointer in candidates:
-        if pointer.is_file():
-            outs = (yaml.safe_load(pointer.read_text()) or {}).get("outs") or [{}]
-            return str(outs[0].get("md5") or outs[0].get("hash") or "")
-    return None
-
-
-def data_section(config: dict) -> dict:
-    section = {k: config[k] for k in ("seed", "dataset", "resolutions", "autoencoder", "text_encoder")}
-    version = dvc_source_version(config["dataset"]["source"])
-    if version is not None:  # only when DVC tracks the source, so other configs keep their hashes
-        section["source_dvc_md5"] = version
-    return section
-
-
-def run_section(config: dict, run_id: str) -> dict:
-    """Everything that determines a run's weights, including its init chain."""
-    run = get_run(config, run_id)
-    section = {
-        "data": data_section(config),
-        "recipe": config["recipes"][run.recipe],
-        # resources change where a run executes, not its weights
-        "stage": {k: v for k, v in config["stages"][run.stage].items() if k != "resources"},
-        "training": config["training"],
-        "run_id": run_id,
-    }
-    if run.init_run:
-        section["init"] = run_section(config, run.init_run)
-    return section
-
-
-def eval_section(config: dict, run_id: str) -> dict:
-    return {"run": run_section(config, run_id), "sampling": config["sampling"],
-            "evaluation": config["evaluation"], "evaluator": config["evaluator"]}
-
-
-def config_fingerprint(config: dict) -> str:
-    return digest(config)
+def load_scenario(path: str | Path) -> Scenario:
+    """The scenario a stage runs: a config YAML, or the workflow's validated `config.json`."""
+    path = Path(path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return Scenario(validate(json.loads(path.read_text()), source=str(path)))
+    return Scenario(load_config(path))

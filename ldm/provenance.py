@@ -24,6 +24,11 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def digest(obj) -> str:
+    """Stable short hash of a JSON-able object (rerun trigger and provenance)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

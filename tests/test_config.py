@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldm.config import (ConfigError, digest, expand_runs, load_config, merge, parse_data_key, run_section,
-                        validate)
+from ldm.config import ConfigError, load_config, merge, validate
+from ldm.provenance import digest
+from ldm.spec import Scenario, expand_runs, parse_data_key
+
+
+def run_section(config: dict, run_id: str) -> dict:
+    scenario = Scenario(config)
+    return scenario.run_section(scenario.run(run_id))
+
+
+def data_section(config: dict) -> dict:
+    return Scenario(config).data_section()
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -109,9 +119,9 @@ def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     raw["resources"] = {"default": {"mem_mb": 1000}, "train": {"gpus": 1}}
     config = validate(raw)
     assert digest(run_section(config, "dit.synthetic.transfer.64")) == before
-    res = job_resources(config, "train", "dit.synthetic.transfer.64")
+    res = job_resources(config, "train", "transfer")
     assert (res["gpus"], res["runtime"], res["mem_mb"]) == (8, 600, 1000)
-    assert job_resources(config, "train", "dit.synthetic.pretrain.32")["gpus"] == 1
+    assert job_resources(config, "train", "pretrain")["gpus"] == 1
     assert launcher(res, "py") == "py -m torch.distributed.run --standalone --nproc_per_node 8"
     assert launcher({"gpus": 1}, "py") == "py"
     assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 py -m torch.distributed.run --nnodes 2")
@@ -166,8 +176,6 @@ def test_stages_at_one_resolution_may_crop_differently(tmp_path):
 
 
 def test_dvc_tracked_source_reruns_on_content_not_on_mtime(tmp_path):
-    from ldm.config import data_section
-
     raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     raw["dataset"]["source"] = str(tmp_path / "images")
     (tmp_path / "images").mkdir()
@@ -188,3 +196,15 @@ def test_validate_config_lists_each_scenario_of_a_study(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].rsplit(" ", 1)[-1] for line in out] == ["imagenet1k", "cc12m"]
     assert "ok (24 runs" in out[0] and "ok (16 runs" in out[1]
+
+
+def test_schema_sampler_enums_are_the_spec_table():
+    """Sampler names live in `ldm.spec.SAMPLERS`; the schema's enums must say the same."""
+    from ldm.spec import SAMPLERS
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    recipe_enum = schema["properties"]["recipes"]["additionalProperties"]["properties"]["sampler"]["enum"]
+    by_name, per_objective = schema["properties"]["sampling"]["properties"]["sampler"]["oneOf"]
+    every = sorted({s for names in SAMPLERS.values() for s in names})
+    assert sorted(recipe_enum) == every and sorted(by_name["enum"]) == every
+    assert {k: tuple(v["enum"]) for k, v in per_objective["properties"].items()} == SAMPLERS

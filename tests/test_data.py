@@ -16,7 +16,9 @@ from PIL import Image
 from ldm.data import synthetic as syn
 from ldm.data.sources import open_source
 from ldm.data.transforms import SkipImage, crop_and_resize, decode_image
-from ldm.prepare import EmptyDatasetError, load_prepared, prepare, sample_rng
+from ldm.data.prepared import load_prepared
+from ldm.errors import EmptyDatasetError
+from ldm.stages.prepare import prepare, sample_rng
 
 N = 40
 

@@ -50,7 +50,8 @@ def test_keep_refuses_a_condition_type_change_and_swap_refuses_none():
 def test_init_checkpoint_stage_is_an_input_and_excludes_init(tmp_path):
     import yaml
 
-    from ldm.config import ConfigError, expand_runs, validate
+    from ldm.config import ConfigError, validate
+    from ldm.spec import expand_runs
 
     raw = yaml.safe_load(open("config/smoke.yaml"))
     raw["stages"]["finetune"] = {"resolution": "high", "steps": 2, "init_checkpoint": "elsewhere/final.safetensors",

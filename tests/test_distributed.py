@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from test_train import cache_config, with_steps  # noqa: F401 - the module's latent-cache fixture
 
-from ldm.train import run_dir, train_run
+from test_train import run_dir, train_run  # noqa: E402 - the config-dict adapters
 
 RUN = "dit.synthetic.pretrain.16"
 #: max |w_2proc - w_1proc| after 4 AdamW steps at lr 1e-3 (measured: 2e-7). A wrong split (both ranks

@@ -9,7 +9,8 @@ import pytest
 
 from ldm.autoencoder import tiny_vae_config, train_tiny_vae
 from ldm.cli import main
-from ldm.latents import LatentDataset, encode_latents
+from ldm.latent_cache import LatentDataset
+from ldm.stages.encode import encode_latents
 from test_latents import SMALL, shapes, write_prepared
 
 KW = dict(text_encoder=None, batch_size=2, shard_size=2)  # 7 images -> shards of 2, 2, 2, 1

@@ -12,13 +12,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm import evaluate as evaluate_mod
-from ldm import generate as generate_mod
-from ldm.config import expand_runs, load_config
+from ldm.config import load_config
+from ldm.layout import Layout
+from ldm.spec import Scenario, expand_runs
+from ldm.stages import evaluate as evaluate_mod
+from ldm.stages import sample as sample_mod
 from ldm.metrics.evaluator import load_evaluator, train_evaluator
 from ldm.metrics.fid import fd_evaluator, save_stats
 from ldm.models.dit import DiT
-from ldm.report import build_report
+from ldm.stages.report import build_report
+
+
+def sample_run(config, run_id, log=print):
+    """`ldm sample` on a config dict (rebuilt per call: the tests edit the config between calls)."""
+    scenario = Scenario(config)
+    return sample_mod.sample_run(scenario, scenario.run(run_id), log=log)
+
+
+def evaluate_run(config, run_id, log=print):
+    scenario = Scenario(config)
+    return evaluate_mod.evaluate_run(scenario, scenario.run(run_id), log=log)
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES = ["circle", "square", "triangle", "star"]
@@ -66,10 +79,10 @@ def scenario(tmp_path, monkeypatch):
         d.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "ema.safetensors"))
         snapshots.append(d)
-    monkeypatch.setattr(generate_mod, "LatentDataset", FakeCache)
-    monkeypatch.setattr(generate_mod, "load_vae", lambda *_: FakeVAE())
-    monkeypatch.setattr(generate_mod, "load_final", lambda *_: (None, model.config, None))
-    monkeypatch.setattr(generate_mod, "list_snapshots", lambda *_: snapshots)
+    monkeypatch.setattr(sample_mod, "LatentDataset", FakeCache)
+    monkeypatch.setattr(sample_mod, "load_vae", lambda *_: FakeVAE())
+    monkeypatch.setattr(sample_mod, "load_final", lambda *_: (None, model.config, None))
+    monkeypatch.setattr(sample_mod, "list_snapshots", lambda *_: snapshots)
     # real images, an evaluator trained for 2 steps on them, and their reference statistics
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
@@ -77,7 +90,7 @@ def scenario(tmp_path, monkeypatch):
                     batch_size=8, seed=0, input_size=32, width=8, feature_dim=8)
     evaluator = load_evaluator(work / "evaluator")
     feats = evaluator.features(real)
-    save_stats(evaluate_mod.reference_path(config, 32), feats.mean(0), np.cov(feats, rowvar=False),
+    save_stats(Layout.of(config).reference(32), feats.mean(0), np.cov(feats, rowvar=False),
                {"evaluator_weights_sha256": evaluator.config["weights_sha256"], "count": 40})
     monkeypatch.setattr(evaluate_mod, "load_prepared", lambda *_: (real, None))
     return config, evaluator
@@ -89,7 +102,7 @@ def shards(samples: Path) -> dict:
 
 def test_sample_evaluate_report(scenario):
     config, evaluator = scenario
-    samples = generate_mod.sample_run(config, RUN, log=lambda *_: None).parent
+    samples = sample_run(config, RUN, log=lambda *_: None).parent
     first = shards(samples)
     assert sorted(first) == ["guidance.safetensors", "sizes.safetensors", "step-0000003.safetensors",
                              "step-0000006.safetensors"]
@@ -100,7 +113,7 @@ def test_sample_evaluate_report(scenario):
 
     # the same run sampled with batch size 32: every stored image identical, bit for bit
     config["sampling"]["batch_size"] = 32
-    generate_mod.sample_run(config, RUN, log=lambda *_: None)
+    sample_run(config, RUN, log=lambda *_: None)
     again = shards(samples)
     for name, tensors in first.items():
         for key, value in tensors.items():
@@ -111,7 +124,7 @@ def test_sample_evaluate_report(scenario):
     assert torch.equal(sweep["images"][sweep["scales"] == 2.0], main["images"][main["seeds"] == 0])
 
     lines = []
-    record = json.loads(evaluate_mod.evaluate_run(config, RUN, log=lines.append).read_text())
+    record = json.loads(evaluate_run(config, RUN, log=lines.append).read_text())
     for key in ("run_id", "config_hash", "code_version", "sampler", "steps", "guidance", "num_samples", "seeds",
                 "reference", "protocol", "forward_batch", "image_seeds", "evaluator_weights_sha256"):
         assert record[key] is not None, key
@@ -131,7 +144,7 @@ def test_sample_evaluate_report(scenario):
     assert set(record["size_conditions"]["cond_accuracy_by_size"]) == {"16", "32", "64"}
     # fd_evaluator through the shared feature pass equals the library function on the same images
     seed0 = main["images"][main["seeds"] == 0].numpy()
-    ref = evaluate_mod.reference_path(config, 32)
+    ref = Layout.of(config).reference(32)
     assert m["fd_evaluator"]["per_seed"][0] == pytest.approx(fd_evaluator(seed0, ref, evaluator), rel=1e-12)
     gs = record["guidance_sweep"]
     assert gs["scales"] == [1.0, 2.0, 4.0] and len(gs["fd_evaluator"]) == 3
@@ -159,15 +172,15 @@ def test_text_recipe_on_a_cache_without_captions_fails_with_one_line(scenario, m
     monkeypatch.setattr(FakeCache, "dir", "cache", raising=False)
     monkeypatch.setattr(FakeCache, "rows", lambda self: {"label": torch.arange(8) % 4}, raising=False)
     with pytest.raises(Exception, match="text-conditional sampling needs caption states"):
-        generate_mod.sample_run(config, RUN, log=lambda *_: None)
+        sample_run(config, RUN, log=lambda *_: None)
     shutil.rmtree(Path(config["workdir"]) / "runs" / RUN / "samples", ignore_errors=True)
 
 
 def test_fid_reference_identity_from_an_existing_npz(scenario, tmp_path):
     config, _ = scenario
-    assert evaluate_mod._fid_reference(config, 32)["source"] == "prepared images"
+    assert evaluate_mod.fid_reference(Scenario(config), 32)["source"] == "prepared images"
     adm = tmp_path / "VIRTUAL_imagenet256_ref.npz"  # an ADM-style batch: plain mu/sigma, no meta
     np.savez(adm, mu=np.zeros(4), sigma=np.eye(4))
     config["evaluation"]["reference_stats"] = str(adm)
-    ref = evaluate_mod._fid_reference(config, 32)
+    ref = evaluate_mod.fid_reference(Scenario(config), 32)
     assert ref["source"] == "statistics file" and ref["file"] == str(adm) and len(ref["sha256"]) == 64

@@ -16,8 +16,9 @@ import torch
 
 from ldm.autoencoder import (MissingWeightsError, load_vae, tiny_vae_config, train_tiny_vae,
                              vae_identity)
-from ldm.latents import (CorruptShardError, LatentDataset, ShardShuffledLatents, encode_latents, map_safetensors,
-                         sample_latents)
+from ldm.errors import CorruptShardError
+from ldm.latent_cache import LatentDataset, ShardShuffledLatents, map_safetensors, sample_latents
+from ldm.stages.encode import encode_latents
 from ldm.text import load_text_encoder, minilm_path, pad_tokens
 
 # The smallest AutoencoderKL with factor-4 downsampling: keeps every test on one thread fast.

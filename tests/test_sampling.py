@@ -154,7 +154,13 @@ class _Cache:
 
 
 def test_sampling_captions_are_class_balanced_fixed_and_padded_as_trained():
-    from ldm.generate import sampling_captions
+    from ldm.config import RECIPE_DEFAULTS, merge
+    from ldm.spec import Recipe, from_section
+    from ldm.stages.sample import sampling_captions as sample_captions
+
+    def sampling_captions(cache, labels, recipe, seed):
+        section = merge(RECIPE_DEFAULTS, {"arch": "dit", "size": "tiny", **recipe})
+        return sample_captions(cache, labels, from_section(Recipe, "text", section), seed=seed)
 
     cache = _Cache(labels=[1, 0, 1, 0, 1], lengths=[2, 3, 1, 5, 2])
     labels = torch.arange(6) % 2  # a b a b a b

@@ -74,7 +74,7 @@ def test_report_has_every_section_with_the_numbers(tmp_path):
 
 
 def test_transfer_table_skips_recipes_that_ran_a_subset_of_the_stages():
-    from ldm.report import transfer_table
+    from ldm.stages.report import transfer_table
 
     raw = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
     raw["recipes"]["other"] = {"arch": "dit", "size": "tiny", "objective": "rectified_flow", "stages": ["transfer"]}

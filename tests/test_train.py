@@ -17,14 +17,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ldm.checkpoint import list_snapshots
 from ldm.config import validate
-from ldm.train import (
-    PREEMPTED_EXIT_CODE,
-    _next_batch,
-    list_snapshots,
-    run_dir,
-    train_run,
-)
+from ldm.layout import Layout
+from ldm.spec import Scenario
+from ldm.stages.train import PREEMPTED_EXIT_CODE, _next_batch
+from ldm.stages.train import train_run as _train_run
+
+
+def train_run(config, run_id, log=print):
+    """`ldm train` on a config dict and a run id (the stage takes the scenario and its run)."""
+    scenario = Scenario(config)
+    return _train_run(scenario, scenario.run(run_id), log=log)
+
+
+def run_dir(config, run_id):
+    return Layout.of(config).run(run_id).dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,8 +42,9 @@ def cache_config(tmp_path_factory):
     """A smoke config whose workdir holds prepared data, a 2-step VAE and latent caches at 16 and 32 px."""
     from ldm.autoencoder import train_tiny_vae
     from ldm.data.synthetic import write_synthetic
-    from ldm.latents import encode_latents
-    from ldm.prepare import load_prepared, prepare
+    from ldm.stages.encode import encode_latents
+    from ldm.data.prepared import load_prepared
+    from ldm.stages.prepare import prepare
 
     work = tmp_path_factory.mktemp("train")
     raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -116,7 +125,7 @@ def test_a_fresh_run_is_reproducible_whatever_the_global_rng(cache_config):
 def test_weights_digest_ignores_metadata_order(tmp_path):
     from safetensors.torch import save_file
 
-    from ldm.train import weights_digest
+    from ldm.checkpoint import weights_digest
 
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
     save_file(tensors, str(tmp_path / "x.safetensors"), {"one": "1", "two": "2"})
@@ -211,7 +220,7 @@ def _assert_same_state(a: dict, b: dict, what=""):
 def test_cosine_lr_matches_the_closed_form():
     import math
 
-    from ldm.train import lr_at
+    from ldm.optim import lr_at
 
     base, warmup, total, floor = 2e-3, 4, 20, 0.1
     for step in range(total):
@@ -230,7 +239,7 @@ def test_cosine_lr_matches_the_closed_form():
 
 
 def test_the_loop_sets_the_cosine_lr_of_each_step(cache_config):
-    from ldm.train import lr_at
+    from ldm.optim import lr_at
 
     config = _run_config(cache_config, 6, 1, lr_schedule="cosine", min_lr_ratio=0.2, warmup=2,
                          checkpoint_every=1, keep_last=10)
@@ -256,13 +265,13 @@ def test_resume_checkpoints_keep_the_last_k_and_never_evaluated_snapshots(cache_
 
 def _failing_objective(monkeypatch, fail_calls, error=None):
     """Wrap the run's objective: micro-step calls in `fail_calls` return NaN, or raise `error` (a kill)."""
-    import ldm.train as train_module
+    import ldm.stages.train as train_module
 
     real = train_module.build_run_objective
     calls = {"n": 0}
 
-    def build(config, run_id):
-        objective = real(config, run_id)
+    def build(scenario, run):
+        objective = real(scenario, run)
         loss = objective.loss
 
         def wrapped(*args, **kwargs):
@@ -282,7 +291,7 @@ def _failing_objective(monkeypatch, fail_calls, error=None):
 
 
 def test_nonfinite_losses_are_skipped_up_to_the_bound(cache_config, monkeypatch):
-    from ldm.train import NonFiniteLossError
+    from ldm.errors import NonFiniteLossError
 
     config = _run_config(cache_config, 5, 1, max_nonfinite_skips=2, checkpoint_every=1, keep_last=10)
     run = _fresh(config)
@@ -395,7 +404,11 @@ def test_bf16_autocast_trains_fp32_weights(cache_config):
 
 def test_build_run_model_passes_only_non_default_recipe_keys(cache_config):
     from ldm.config import ConfigError
-    from ldm.train import build_run_model
+    from ldm.recipe import build_run_model as build
+
+    def build_run_model(config, run_id, *args):
+        scenario = Scenario(config)
+        return build(scenario, scenario.run(run_id), *args)
 
     config = json.loads(json.dumps(cache_config))
     run = "dit.synthetic.pretrain.16"
@@ -421,12 +434,12 @@ def _with_recipe(config, name, **recipe):
 
 def _recording_objective(monkeypatch):
     """Record the model kwargs of every micro-step the loop hands to the objective."""
-    import ldm.train as train_module
+    import ldm.stages.train as train_module
 
     real, seen = train_module.build_run_objective, []
 
-    def build(config, run_id):
-        objective = real(config, run_id)
+    def build(scenario, run):
+        objective = real(scenario, run)
         loss = objective.loss
 
         def wrapped(model, x0, kwargs, generator, draws=None):
@@ -443,7 +456,7 @@ def _recording_objective(monkeypatch):
 @pytest.fixture(scope="module")
 def text_config(cache_config, tmp_path_factory):
     """The 16 px cache again, with MiniLM caption states."""
-    from ldm.latents import encode_latents
+    from ldm.stages.encode import encode_latents
 
     work = Path(cache_config["workdir"])
     text_work = tmp_path_factory.mktemp("text")
@@ -455,7 +468,7 @@ def text_config(cache_config, tmp_path_factory):
 
 
 def test_text_conditional_training_feeds_padded_captions(text_config, monkeypatch):
-    from ldm.latents import LatentDataset
+    from ldm.latent_cache import LatentDataset
 
     dim = LatentDataset(Path(text_config["workdir"]) / "latents" / "synthetic" / "r16").manifest["text_encoder"]["dim"]
     for dropout, padding in ((1.0, "zero_mask"), (0.0, "noisy_replicate")):
@@ -485,7 +498,7 @@ def test_mdt_trains_with_a_masked_second_pass(cache_config, monkeypatch):
 
 def test_fsdp_option_constructs_and_says_when_it_cannot_shard(cache_config):
     """FSDP needs several accelerators: on CPU accelerate drops the plugin; the run says so and still trains."""
-    from ldm.train import make_accelerator
+    from ldm.stages.train import make_accelerator
 
     accelerator = make_accelerator({"precision": "fp32", "distributed": "fsdp"})
     assert accelerator.distributed_type.name in ("NO", "MULTI_CPU")

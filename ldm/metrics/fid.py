@@ -30,15 +30,12 @@ import torch.nn as nn
 from cleanfid import fid as cleanfid_fid
 
 from ldm.metrics.evaluator import Evaluator, cond_accuracy, resize_to_input  # noqa: F401 (cond_accuracy re-exported)
+from ldm.errors import MissingWeightsError  # noqa: F401 - raised here, re-exported for callers
 from ldm.provenance import atomic_write_bytes
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # cleanfid/downloads_helper.py: check_download_inception
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 PROTOCOLS = {"clean": "fid_clean", "legacy_tensorflow": "fid_legacy_tf"}
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights are not on disk and cannot be fetched (offline)."""
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

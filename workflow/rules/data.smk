@@ -1,29 +1,20 @@
 # Data: raw images -> prepared crops per resolution -> autoencoder -> latent cache per resolution.
 
 def prepared(res):
-    return f"{W}/prepared/{DATASET}/r{res}/report.json"
-
-
-def raw_source():
-    source = CFG["dataset"]["source"]
-    return f"{W}/raw/synthetic/folders" if source == "synthetic" else source
-
-
-def vae_path():
-    return CFG["autoencoder"]["pretrained"] or f"{W}/vae"
+    return str(L.prepared_report(f"r{res}"))
 
 
 rule synthesize:
     output:
-        f"{W}/raw/synthetic/dataset.json",
+        str(L.synthetic / "dataset.json"),
     params:
         h=digest(CFG["dataset"]) + str(CFG["seed"]),
         n=CFG["dataset"].get("synthetic", {}).get("num_images"),
         corrupt=CFG["dataset"].get("synthetic", {}).get("corrupt"),
     log:
-        f"{W}/logs/synthesize.log",
+        str(L.log("synthesize.log")),
     shell:
-        f"{LDM} synthesize --out {W}/raw/synthetic --num-images {{params.n}} --corrupt {{params.corrupt}}"
+        f"{LDM} synthesize --out {L.synthetic} --num-images {{params.n}} --corrupt {{params.corrupt}}"
         f" --seed {CFG['seed']} > {{log}} 2>&1"
 
 
@@ -31,27 +22,27 @@ def data_params(key):
     """(resolution, crop, rerun hash) of a data key (`Run.data_key`: `r<px>` or `r<px>-<crop>`)."""
     px, crop = parse_data_key(key)
     # center-crop keys keep the hash they had before crops were per stage (no spurious reruns)
-    parts = [data_section(CFG), str(px)] + ([] if crop == "center" else [crop])
+    parts = [SCENARIO.data_section(), str(px)] + ([] if crop == "center" else [crop])
     return px, crop, digest(parts)
 
 
 rule prepare:
     """Decode, validate, resize and crop the source at one resolution with one crop policy."""
     input:
-        ancient(f"{W}/raw/synthetic/dataset.json") if CFG["dataset"]["source"] == "synthetic" else [],
+        ancient(str(L.synthetic / "dataset.json")) if CFG["dataset"]["source"] == "synthetic" else [],
     output:
-        f"{W}/prepared/{DATASET}/{{data}}/report.json",
+        str(L.prepared_report("{data}")),
     params:
         h=lambda w: data_params(w.data)[2],
-        source=raw_source(),
+        source=L.source(CFG["dataset"]["source"]),
         crop=lambda w: data_params(w.data)[1],
         px=lambda w: data_params(w.data)[0],
     resources:
         **rule_resources("prepare"),
     log:
-        f"{W}/logs/prepare.{{data}}.log",
+        str(L.log("prepare.{data}.log")),
     shell:
-        f"{LDM} prepare {{params.source:q}} --out {W}/prepared/{DATASET}/{{wildcards.data}}"
+        f"{LDM} prepare {{params.source:q}} --out {L.prepared('{wildcards.data}')}"
         f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {{log}} 2>&1"
 
 
@@ -61,34 +52,34 @@ if not CFG["autoencoder"]["pretrained"]:
         input:
             [prepared(CFG["resolutions"]["low"]), prepared(CFG["resolutions"]["high"])],
         output:
-            f"{W}/vae/config.json",
+            str(L.trained_vae_config),
         params:
-            h=digest(data_section(CFG)),
+            h=digest(SCENARIO.data_section()),
         threads: CFG["threads"]
         resources:
             **rule_resources("train_vae"),
         log:
-            f"{W}/logs/train_vae.log",
+            str(L.log("train_vae.log")),
         shell:
-            f"{LDM} train-vae --config {CONFIG_JSON} --out {W}/vae --threads {{threads}} > {{log}} 2>&1"
+            f"{LDM} train-vae --config {CONFIG_JSON} --out {L.trained_vae} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule encode:
     input:
-        prepared=f"{W}/prepared/{DATASET}/{{data}}/report.json",
-        vae=[] if CFG["autoencoder"]["pretrained"] else f"{W}/vae/config.json",
+        prepared=str(L.prepared_report("{data}")),
+        vae=[] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config),
     output:
-        f"{W}/latents/{DATASET}/{{data}}/manifest.json",
+        str(L.latents_manifest("{data}")),
     params:
         h=lambda w: data_params(w.data)[2],
-        vae=vae_path(),
+        vae=L.vae,
         text=CFG["text_encoder"] or "none",
     threads: CFG["threads"]
     resources:
         **rule_resources("encode"),
     log:
-        f"{W}/logs/encode.{{data}}.log",
+        str(L.log("encode.{data}.log")),
     shell:
-        f"{LDM} encode --prepared {W}/prepared/{DATASET}/{{wildcards.data}} --vae {{params.vae:q}}"
-        f" --out {W}/latents/{DATASET}/{{wildcards.data}} --text-encoder {{params.text:q}}"
+        f"{LDM} encode --prepared {L.prepared('{wildcards.data}')} --vae {{params.vae:q}}"
+        f" --out {L.latents('{wildcards.data}')} --text-encoder {{params.text:q}}"
         f" --threads {{threads}} > {{log}} 2>&1"

@@ -12,68 +12,68 @@ rule train_evaluator:
     input:
         prepared(CFG["resolutions"]["high"]),
     output:
-        f"{W}/evaluator/config.json",
+        str(L.evaluator_config),
     params:
-        h=digest([data_section(CFG), CFG["evaluator"]]),
+        h=digest([SCENARIO.data_section(), CFG["evaluator"]]),
     threads: CFG["threads"]
     resources:
         **rule_resources("train_evaluator"),
     log:
-        f"{W}/logs/train_evaluator.log",
+        str(L.log("train_evaluator.log")),
     shell:
-        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {W}/evaluator --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {L.evaluator} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule reference_stats:
     input:
         prepared=prepared("{res}"),
-        evaluator=f"{W}/evaluator/config.json",
+        evaluator=str(L.evaluator_config),
     output:
-        f"{W}/reference/{DATASET}/r{{res}}.npz",
+        str(L.reference("{res}")),
     params:
-        h=lambda w: digest([data_section(CFG), CFG["evaluator"], w.res]),
+        h=lambda w: digest([SCENARIO.data_section(), CFG["evaluator"], w.res]),
     threads: CFG["threads"]
     resources:
         **rule_resources("reference_stats"),
     log:
-        f"{W}/logs/reference_stats.r{{res}}.log",
+        str(L.log("reference_stats.r{res}.log")),
     shell:
-        f"{LDM} reference-stats --prepared {W}/prepared/{DATASET}/r{{wildcards.res}} --evaluator {W}/evaluator"
+        f"{LDM} reference-stats --prepared {L.prepared('r{wildcards.res}')} --evaluator {L.evaluator}"
         f" --out {{output}} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule sample:
     input:
-        model=f"{W}/runs/{{run}}/final.safetensors",
-        vae=[] if CFG["autoencoder"]["pretrained"] else f"{W}/vae/config.json",
+        model=str(L.run("{run}").final),
+        vae=[] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config),
     output:
-        f"{W}/runs/{{run}}/samples/index.json",
+        str(L.run("{run}").samples_index),
     params:
-        h=lambda w: digest([run_section(CFG, w.run), CFG["sampling"]]),
+        h=lambda w: digest([SCENARIO.run_section(RUNS[w.run]), CFG["sampling"]]),
     threads: CFG["threads"]
     resources:
         **rule_resources("sample"),
     log:
-        f"{W}/logs/sample/{{run}}.log",
+        str(L.log("sample/{run}.log")),
     shell:
         f"{LDM} sample --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"
 
 
 rule evaluate:
     input:
-        samples=f"{W}/runs/{{run}}/samples/index.json",
-        evaluator=f"{W}/evaluator/config.json",
-        reference=lambda w: f"{W}/reference/{DATASET}/r{RUNS[w.run].resolution}.npz",
+        samples=str(L.run("{run}").samples_index),
+        evaluator=str(L.evaluator_config),
+        reference=lambda w: str(L.reference(RUNS[w.run].resolution)),
         fid_reference=_local(CFG["evaluation"]["reference_stats"]),
         clip=_local(CFG["evaluation"]["clip_model"]),
     output:
-        f"{R}/metrics/{{run}}.json",
+        str(L.metrics("{run}")),
     params:
-        h=lambda w: digest(eval_section(CFG, w.run)),
+        h=lambda w: digest(SCENARIO.eval_section(RUNS[w.run])),
     threads: CFG["threads"]
     resources:
         **rule_resources("evaluate"),
     log:
-        f"{W}/logs/evaluate/{{run}}.log",
+        str(L.log("evaluate/{run}.log")),
     shell:
         f"{LDM} evaluate --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"

@@ -6,15 +6,15 @@ localrules: report  # seconds of pandas/matplotlib: not worth a cluster job
 
 rule report:
     input:
-        expand(f"{R}/metrics/{{run}}.json", run=RUNS),
+        [str(L.metrics(r)) for r in RUNS],
     output:
-        f"{R}/summary.json",
-        f"{R}/tables/runs.md",
-        [f"{R}/plots/guidance.png", f"{R}/tables/guidance_sweep.md"] if CFG["sampling"]["guidance_sweep"] else [],
-        [f"{R}/REPORT.md"] if CFG.get("study") else [],
+        str(L.summary),
+        str(L.table("runs")) + ".md",
+        [str(L.plot("guidance.png")), str(L.table("guidance_sweep")) + ".md"] if CFG["sampling"]["guidance_sweep"] else [],
+        [str(L.report)] if CFG.get("study") else [],
     params:
         h=digest([CFG["name"], list(RUNS), CFG.get("study")]),
     log:
-        f"{W}/logs/report.log",
+        str(L.log("report.log")),
     shell:
         f"{LDM} report --config {CONFIG_JSON} > {{log}} 2>&1"

@@ -2,9 +2,9 @@
 
 def train_inputs(wildcards):
     run = RUNS[wildcards.run]
-    inputs = {"latents": f"{W}/latents/{DATASET}/{run.data_key}/manifest.json"}
+    inputs = {"latents": str(L.latents_manifest(run.data_key))}
     if run.init_run:
-        inputs["init"] = f"{W}/runs/{run.init_run}/final.safetensors"
+        inputs["init"] = str(L.run(run.init_run).final)
     elif run.init_checkpoint:  # another scenario's run (dataset transfer): links the two modules' DAGs
         inputs["init"] = run.init_checkpoint
     return inputs
@@ -14,10 +14,10 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        f"{W}/runs/{{run}}/final.safetensors",
+        str(L.run("{run}").final),
     params:
-        h=lambda w: digest(run_section(CFG, w.run)),
-        launch=lambda w: launcher(job_resources(CFG, "train", w.run), sys.executable),
+        h=lambda w: digest(SCENARIO.run_section(RUNS[w.run])),
+        launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage), sys.executable),
     threads: CFG["threads"]
     resources:
         runtime=run_resources("runtime"),
@@ -27,7 +27,7 @@ rule train:
         gpu=run_resources("gpu"),
         slurm_extra=lambda w: slurm_resources("train", w.run).get("slurm_extra", ""),
     log:
-        f"{W}/logs/train/{{run}}.log",
+        str(L.log("train/{run}.log")),
     shell:
         # one process, or torchrun (multi-GPU) / srun + torchrun (multi-node) per the stage's resources
         f"{{params.launch}} -m ldm.cli train --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}}"

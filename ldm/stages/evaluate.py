@@ -1,7 +1,7 @@
 """`ldm evaluate`: metrics of every snapshot of a run, mean ± std over sampling seeds, with provenance.
 
-Metrics are named by protocol (`fd_evaluator`, `cond_accuracy`, `precision`, `recall`, `size_consistency`,
-`clip_score`, `fid_clean`, `fid_legacy_tf`) so numbers computed differently never share a column. The final
+Metrics are named by protocol (`ldm.metrics.registry`: one entry per metric, with its direction and protocol
+text) so numbers computed differently never share a column. The final
 numbers are those of the last snapshot; the curve holds every snapshot for metric-vs-step plots. Each image
 set goes through the evaluator once (features and predicted classes together). When the samples include a
 guidance sweep, fd_evaluator and cond_accuracy are computed per scale and the scale with the lowest
@@ -22,46 +22,41 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .config import config_fingerprint, digest, eval_section, get_run
-from .generate import load_samples, read_index
-from .metrics.clip_score import CAPTION_TEMPLATE, ClipUnavailable, class_captions, clip_score, load_clip
-from .metrics.consistency import size_consistency
-from .metrics.evaluator import load_evaluator
-from .metrics.fid import PROTOCOLS, cond_accuracy, feature_statistics, frechet_distance, inception_fid, load_stats
-from .metrics.manifold import precision_recall
-from .prepare import load_prepared
-from .provenance import atomic_write_json, code_version, file_sha256
-from .train import run_dir
-
-PR_K = 3  # Kynkäänniemi et al. 2019
-
-
-def reference_path(config: dict, resolution: int) -> Path:
-    return Path(config["workdir"]) / "reference" / config["dataset"]["name"] / f"r{resolution}.npz"
-
-
-def prepared_path(config: dict, resolution: int) -> Path:
-    return Path(config["workdir"]) / "prepared" / config["dataset"]["name"] / f"r{resolution}"
+from ..checkpoint import load_final
+from ..config import load_scenario
+from ..data.prepared import load_prepared
+from ..latent_cache import LatentDataset
+from ..metrics.clip_score import ClipUnavailable, load_clip
+from ..metrics.consistency import size_consistency
+from ..metrics.evaluator import load_evaluator
+from ..metrics.fid import PROTOCOLS, cond_accuracy, feature_statistics, frechet_distance, load_stats
+from ..metrics.registry import ImageSet, Need, compute_metrics, metric, protocol_texts
+from ..models.inventory import run_cost
+from ..provenance import atomic_write_json, code_version, digest, file_sha256
+from ..samples import load_set, read_index
+from ..spec import Run, Scenario
 
 
 class _Context:
     """What every image set is compared with; real images and their features loaded once, on first use."""
 
-    def __init__(self, config: dict, resolution: int, evaluator, ref_stats, classes: list[str], log):
-        self.config, self.resolution, self.evaluator, self.ref_stats = config, resolution, evaluator, ref_stats
-        self.classes, self.wanted = classes, config["evaluation"]["metrics"]
+    def __init__(self, scenario: Scenario, resolution: int, evaluator, ref_stats, classes: list[str], log):
+        self.scenario, self.config = scenario, scenario.config
+        self.resolution, self.evaluator, self.ref_stats = resolution, evaluator, ref_stats
+        self.classes, self.wanted = classes, self.config["evaluation"]["metrics"]
         self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
-        if "clip_score" in self.wanted:
+        clip_users = [name for name in self.wanted if Need.CLIP in metric(name).needs]
+        if clip_users:
             try:
-                self.clip = load_clip(config["evaluation"]["clip_model"])
+                self.clip = load_clip(self.config["evaluation"]["clip_model"])
             except ClipUnavailable as exc:
-                self.skipped["clip_score"] = str(exc)
+                self.skipped.update(dict.fromkeys(clip_users, str(exc)))
                 log(str(exc))
 
     @property
     def real(self) -> np.ndarray:
         if self._real is None:
-            self._real, _ = load_prepared(prepared_path(self.config, self.resolution))
+            self._real, _ = load_prepared(self.scenario.layout.prepared(f"r{self.resolution}"))
         return self._real
 
     @property
@@ -76,21 +71,9 @@ class _Context:
         return path if path else self.real
 
     def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """The wanted metrics of one image set (registry order), from one evaluator pass over it."""
         feats, pred = self.evaluator.features_and_predictions(images)
-        values = {}
-        if "fd_evaluator" in self.wanted:
-            values["fd_evaluator"] = frechet_distance(*feature_statistics(feats), *self.ref_stats)
-        if "cond_accuracy" in self.wanted:
-            values["cond_accuracy"] = float(cond_accuracy(pred, {"class": labels})["class"])
-        if "precision" in self.wanted or "recall" in self.wanted:
-            pr = precision_recall(self.real_features, feats, k=PR_K)
-            values.update({k: v for k, v in pr.items() if k in self.wanted})
-        if self.clip is not None:
-            values["clip_score"] = float(clip_score(images, class_captions(labels, self.classes), *self.clip).mean())
-        for mode, name in PROTOCOLS.items():
-            if name in self.wanted:
-                values[name] = float(inception_fid(images, self.fid_reference(), mode=mode))
-        return values
+        return compute_metrics(self, ImageSet(images, labels, feats, pred), self.wanted, skip=self.skipped)
 
 
 def _summary(per_seed: dict[str, list[float]]) -> dict:
@@ -100,7 +83,7 @@ def _summary(per_seed: dict[str, list[float]]) -> dict:
 
 def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
     """fd_evaluator and cond_accuracy per guidance scale (first seed, final snapshot); best fd chosen."""
-    data = load_samples(samples_dir, spec)
+    data = load_set(samples_dir, spec)
     fd, acc = [], []
     for scale in spec["scales"]:
         pick = data["scales"] == scale
@@ -114,7 +97,7 @@ def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
 
 def size_consistency_per_seed(ctx: _Context, samples_dir: Path, spec: dict) -> tuple[dict, dict]:
     """size_consistency(_pairwise) per seed, and conditional accuracy per size (mean over seeds)."""
-    data = load_samples(samples_dir, spec)
+    data = load_set(samples_dir, spec)
     _, pred = ctx.evaluator.features_and_predictions(data["images"])
     per_seed, by_size = {}, {}
     for seed in spec["seeds"]:
@@ -132,21 +115,21 @@ def size_consistency_per_seed(ctx: _Context, samples_dir: Path, spec: dict) -> t
     return per_seed, {size: float(np.mean(v)) for size, v in by_size.items()}
 
 
-def evaluate_run(config: dict, run_id: str, log=print) -> Path:
-    run = get_run(config, run_id)
+def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
+    config, layout, run_id = scenario.config, scenario.layout, run.run_id
     wanted = config["evaluation"]["metrics"]
-    samples_dir = run_dir(config, run_id) / "samples"
+    samples_dir = layout.run(run_id).samples
     index = read_index(samples_dir)
-    evaluator = load_evaluator(Path(config["workdir"]) / "evaluator")
-    ref_file = reference_path(config, run.resolution)
+    evaluator = load_evaluator(layout.evaluator)
+    ref_file = layout.reference(run.resolution)
     mu, sigma, ref_meta = load_stats(ref_file)
     want, have = ref_meta.get("evaluator_weights_sha256"), evaluator.config.get("weights_sha256")
     if want and have and want != have:
         raise ValueError(f"{ref_file} was computed with another evaluator (weights {want[:12]}, loaded {have[:12]})")
-    ctx = _Context(config, run.resolution, evaluator, (mu, sigma), index["classes"], log)
+    ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log)
     curve, final = [], None
     for entry in index["snapshots"]:
-        data = load_samples(samples_dir, entry)
+        data = load_set(samples_dir, entry)
         per_seed: dict[str, list[float]] = {}
         for seed in entry["seeds"]:
             pick = data["seeds"] == seed
@@ -173,15 +156,15 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
         else:
             ctx.skipped["size_consistency"] = "size_consistency skipped: sampling.size_conditions is empty"
             log(ctx.skipped["size_consistency"])
-    grid_path = Path(config["results"]) / "plots" / f"samples_{run_id}.png"
+    grid_path = layout.sample_grid(run_id)
     save_sample_grid(data, index["classes"], grid_path)
     record = {
         "run_id": run_id,
         "recipe": run.recipe, "stage": run.stage, "resolution": run.resolution, "init_run": run.init_run,
-        "config_hash": digest(eval_section(config, run_id)),
-        "scenario": config["name"], "config_fingerprint": config_fingerprint(config),
+        "config_hash": digest(scenario.eval_section(run)),
+        "scenario": config["name"], "config_fingerprint": scenario.fingerprint(),
         "code_version": code_version(),
-        "protocol": _protocol(config, run.resolution, wanted),
+        "protocol": protocol_texts(wanted, run.resolution, config["evaluation"]["clip_model"]),
         "sampler": index["sampler"], "steps": index["steps"], "guidance": index["guidance"],
         "num_samples": index["num_samples"], "seeds": index["seeds"], "original_size": index["original_size"],
         "image_seeds": index.get("image_seeds"), "forward_batch": index.get("forward_batch"),
@@ -195,53 +178,31 @@ def evaluate_run(config: dict, run_id: str, log=print) -> Path:
         "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path),
-        "model": _model_cost(config, run_id, index),
+        "model": _model_cost(scenario, run, index),
     }
     if any(name in wanted for name in PROTOCOLS.values()):
-        record["fid_reference"] = _fid_reference(config, run.resolution)
-    out = Path(config["results"]) / "metrics" / f"{run_id}.json"
+        record["fid_reference"] = fid_reference(scenario, run.resolution)
+    out = layout.metrics(run_id)
     atomic_write_json(out, record)
     return out
 
 
-def _model_cost(config: dict, run_id: str, index: dict) -> dict:
+def _model_cost(scenario: Scenario, run: Run, index: dict) -> dict:
     """Size and training FLOPs per image of the run's model (REPORT.md's efficiency table), from the
     samples index (samples made before it recorded the model: from the checkpoint and the cache)."""
-    from .latents import LatentDataset
-    from .models.inventory import run_cost
-    from .train import latents_dir, load_final, run_dir
-
     if "model_config" in index:
         return run_cost(index["model_config"], tuple(index["latent_shape"]), index.get("text_tokens", 0))
-    manifest = LatentDataset(latents_dir(config, run_id), verify=False).manifest
-    _, model_config, _ = load_final(run_dir(config, run_id) / "final.safetensors")
+    manifest = LatentDataset(scenario.layout.latents(run.data_key), verify=False).manifest
+    _, model_config, _ = load_final(scenario.layout.run(run.run_id).final)
     text_tokens = int((manifest.get("text_encoder") or {}).get("max_length", 0))
     return run_cost(model_config, tuple(manifest["latent_shape"]), text_tokens)
 
 
-def _protocol(config: dict, resolution: int, wanted: list[str]) -> dict:
-    texts = {
-        "fd_evaluator": "Frechet distance (clean-fid frechet_distance) on offline-evaluator features, "
-                        f"samples vs. all real prepared images at {resolution}px",
-        "cond_accuracy": "share of samples whose evaluator-predicted class equals the conditioning class",
-        "precision": f"improved precision (Kynkaanniemi et al. 2019, k={PR_K}) on evaluator features: share of "
-                     "samples inside the k-NN manifold of all real prepared images",
-        "recall": f"improved recall (k={PR_K}): share of real prepared images inside the k-NN manifold of the "
-                  "samples of one seed",
-        "size_consistency": "share of (seed, image) groups whose evaluator class is the same at every size in "
-                            "sampling.size_conditions (same noise and class); _pairwise: mean agreement over size pairs",
-        "clip_score": f"100 * max(cos, 0) of CLIP {config['evaluation']['clip_model']} image and caption embeddings, "
-                      f"caption '{CAPTION_TEMPLATE}' with the class name, mean over images",
-        "fid_clean": "clean-fid Inception FID, mode clean",
-        "fid_legacy_tf": "clean-fid Inception FID, mode legacy_tensorflow",
-    }
-    return {name: texts[name] for name in wanted if name in texts}
-
-
-def _fid_reference(config: dict, resolution: int) -> dict:
-    path = config["evaluation"]["reference_stats"]
+def fid_reference(scenario: Scenario, resolution: int) -> dict:
+    """What the Inception metrics compared with: a statistics file (by path and sha256) or the prepared images."""
+    path = scenario.config["evaluation"]["reference_stats"]
     if not path:
-        return {"source": "prepared images", "dir": str(prepared_path(config, resolution))}
+        return {"source": "prepared images", "dir": str(scenario.layout.prepared(f"r{resolution}"))}
     _, _, meta = load_stats(path)
     return {"source": "statistics file", "file": str(path), "sha256": file_sha256(Path(path)), **meta}
 
@@ -263,3 +224,8 @@ def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int 
     tmp = path.with_name(path.name + ".tmp.png")
     picture.save(tmp)
     tmp.replace(path)
+
+
+def run(args) -> None:
+    scenario = load_scenario(args.config)
+    print(f"metrics: {evaluate_run(scenario, scenario.run(args.run))}")

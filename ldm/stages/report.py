@@ -16,21 +16,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .config import expand_runs  # noqa: E402
-from .provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
-from .study import write_study_report  # noqa: E402
+from ..config import load_scenario  # noqa: E402
+from ..layout import Layout  # noqa: E402
+from ..metrics.registry import curve_metrics, direction_word, lower_is_better  # noqa: E402
+from ..provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ..spec import expand_runs  # noqa: E402
+from ..study import write_study_report  # noqa: E402
 
-LOWER_IS_BETTER = {"fd_evaluator": True, "fid_clean": True, "fid_legacy_tf": True, "cond_accuracy": False,
-                   "precision": False, "recall": False, "size_consistency": False,
-                   "size_consistency_pairwise": False, "clip_score": False}
-CURVE_METRICS = ("fd_evaluator", "cond_accuracy", "precision", "recall", "clip_score", "fid_clean", "fid_legacy_tf")
+CURVE_METRICS = curve_metrics()  # registry order; directions: ldm.metrics.registry (unknown names raise)
 
 
 def load_metrics(config: dict) -> list[dict]:
-    directory = Path(config["results"]) / "metrics"
+    layout = Layout.of(config)
     records = []
     for run in expand_runs(config):
-        path = directory / f"{run.run_id}.json"
+        path = layout.metrics(run.run_id)
         if not path.exists():
             raise FileNotFoundError(f"metrics of run {run.run_id} missing: {path} (run the pipeline first)")
         records.append(json.loads(path.read_text()))
@@ -80,7 +80,7 @@ def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
                     row[f"{metric} (scratch)"] = _fmt(b["metrics"][metric])
                     delta = a["metrics"][metric]["mean"] - b["metrics"][metric]["mean"]
                     row[f"{metric} delta"] = round(delta, 4)
-                    better = delta < 0 if LOWER_IS_BETTER.get(metric, True) else delta > 0
+                    better = delta < 0 if lower_is_better(metric) else delta > 0
                     row[f"{metric} transfer better"] = "yes" if better else "no"
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -105,7 +105,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         if metric == "cond_accuracy":
             ax.axhline(records[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
         ax.set_xlabel("training steps of the run's own stage")
-        ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER.get(metric, True) else 'higher'} is better)")
+        ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("metric vs. training step (first sampling seed; final point: mean ± std over all seeds)")
@@ -133,7 +133,7 @@ def plot_guidance_sweeps(records: list[dict], path: Path) -> bool:
         if metric == "cond_accuracy":
             ax.axhline(swept[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
         ax.set_xlabel("semantic guidance scale")
-        ax.set_ylabel(f"{metric} ({'lower' if LOWER_IS_BETTER[metric] else 'higher'} is better)")
+        ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("guidance sweep (final weights, first sampling seed; star: chosen = lowest fd_evaluator)")
@@ -159,25 +159,29 @@ def guidance_table(records: list[dict]) -> pd.DataFrame:
 
 
 def build_report(config: dict) -> dict:
-    results = Path(config["results"])
+    layout = Layout.of(config)
     records = load_metrics(config)
     runs = runs_table(records)
-    write_table(runs, results / "tables" / "runs", f"All runs ({config['name']})")
+    write_table(runs, layout.table("runs"), f"All runs ({config['name']})")
     transfer = transfer_table(config, records)
-    write_table(transfer, results / "tables" / "transfer_vs_scratch",
+    write_table(transfer, layout.table("transfer_vs_scratch"),
                 "Low-res pre-training + transfer vs. from scratch at equal high-res steps")
-    plot_curves(records, results / "plots" / "curves.png")
-    if plot_guidance_sweeps(records, results / "plots" / "guidance.png"):
-        write_table(guidance_table(records), results / "tables" / "guidance_sweep",
+    plot_curves(records, layout.plot("curves.png"))
+    if plot_guidance_sweeps(records, layout.plot("guidance.png")):
+        write_table(guidance_table(records), layout.table("guidance_sweep"),
                     "Guidance sweep (final weights, first seed)")
     for rec in records:  # per-run curve data for `dvc plots`
-        atomic_write_bytes(results / "plots" / "curves" / f"{rec['run_id']}.csv",
+        atomic_write_bytes(layout.plot("curves") / f"{rec['run_id']}.csv",
                            pd.DataFrame(rec["curve"]).to_csv(index=False).encode())
     summary = {rec["run_id"]: {name: round(stats["mean"], 6) for name, stats in rec["metrics"].items()}
                for rec in records}
     for rec in records:
         if rec.get("guidance_sweep"):
             summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
-    write_study_report(config, records, results)  # REPORT.md, when the config has a `study` section
-    atomic_write_json(results / "summary.json", summary)
+    write_study_report(config, records, layout.results)  # REPORT.md, when the config has a `study` section
+    atomic_write_json(layout.summary, summary)
     return summary
+
+
+def run(args) -> None:
+    print(json.dumps(build_report(load_scenario(args.config).config), indent=2))

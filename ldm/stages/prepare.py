@@ -17,25 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm.data.prepared import COLUMNS, REPORT, parquet_schema
 from ldm.data.sources import open_source
 from ldm.data.transforms import CROP_POLICIES, SkipImage, crop_and_resize, decode_image
+from ldm.errors import EmptyDatasetError
 from ldm.provenance import file_sha256
 
-COLUMNS = ("key", "image", "label", "caption", "attributes", "orig_h", "orig_w",
-           "crop_top", "crop_left", "crop_h", "crop_w", "flip")
-
-
-class EmptyDatasetError(ValueError):
-    """No image of the source survived decoding and validation."""
-
-
-def _schema():
-    import pyarrow as pa
-
-    i32 = pa.int32()
-    return pa.schema([("key", pa.string()), ("image", pa.binary()), ("label", i32), ("caption", pa.string()),
-                      ("attributes", pa.string()), ("orig_h", i32), ("orig_w", i32), ("crop_top", i32),
-                      ("crop_left", i32), ("crop_h", i32), ("crop_w", i32), ("flip", pa.int8())])
 
 
 def sample_rng(seed: int, key: str) -> np.random.Generator:
@@ -48,7 +35,7 @@ def _write_shard(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _schema()
+    schema = parquet_schema()
     table = pa.Table.from_arrays([pa.array([r[c] for r in rows], type=schema.field(c).type) for c in COLUMNS],
                                  schema=schema)
     tmp = path.with_name(path.name + ".tmp")
@@ -77,7 +64,7 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
     src = open_source(str(source))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").unlink(missing_ok=True)  # a run that dies midway must not look finished
+    (out / REPORT).unlink(missing_ok=True)  # a run that dies midway must not look finished
 
     skipped: Counter = Counter()
     shards: list[dict] = []
@@ -124,34 +111,11 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
               "classes": list(src.classes), "shards": shards, "source": str(source)}
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    os.replace(tmp, out / REPORT)
     return report
 
 
-def load_prepared(dir: Path, verify: bool = True):
-    """Read a prepared directory: (images uint8 [N, R, R, 3], DataFrame of the other columns).
-
-    Shards are read in report.json order; with `verify`, each shard's sha256 must match the report.
-    """
-    import pandas as pd
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    dir = Path(dir)
-    report_path = dir / "report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        files = [(dir / s["file"], s.get("sha256")) for s in report["shards"]]
-    else:
-        files = [(p, None) for p in sorted(dir.glob("shard-*.parquet"))]
-    if not files:
-        raise FileNotFoundError(f"no prepared shards in {dir}")
-    images, frames = [], []
-    for path, digest in files:
-        if verify and digest is not None and file_sha256(path) != digest:
-            raise ValueError(f"{path}: sha256 does not match report.json (stale or corrupted shard)")
-        table = pq.read_table(path)
-        images.extend(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist())
-        frames.append(table.drop_columns(["image"]).to_pandas())
-    df = pd.concat(frames, ignore_index=True)
-    return np.stack(images).astype(np.uint8, copy=False), df
+def run(args) -> None:
+    report = prepare(args.source, Path(args.out), resolution=args.resolution, crop=args.crop, seed=args.seed,
+                     shard_size=args.shard_size)
+    print(f"prepared {report['kept']} images at {args.resolution}px into {args.out}; skipped: {report['skipped']}")

@@ -1,0 +1,167 @@
+"""`ldm sample`: images from every snapshot of a run, for every sampling seed, with fixed conditions.
+
+The final snapshot is sampled with every seed of `sampling.seeds` (its metrics are mean ± std over them);
+earlier snapshots, which only feed the metric-vs-step curves, with the first seed. Labels are
+class-balanced (image i gets class i mod K) and every image has its own noise seed derived from
+(sampling seed, i), so image i is the same whatever the batch size. The size/crop condition is that of an
+uncropped square image of `sampling.original_size` pixels (the SDXL convention for "a whole image").
+Images are stored by `ldm.samples`, one shard per snapshot.
+
+Two extra sets of the final snapshot, when the config asks for them:
+- `guidance.safetensors`: the first seed at every semantic scale of `sampling.guidance_sweep` (the sweep
+  curve; evaluation picks the scale with the best fd_evaluator);
+- `sizes.safetensors`: every seed at every original size of `sampling.size_conditions`, same noise and
+  class per image across sizes (the size-consistency metric, the paper's Figure 2 effect).
+Image i is bit-identical whatever `sampling.batch_size` (see `ldm.sampling`; the forward group size is
+recorded in the index as `forward_batch`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..autoencoder import load_vae
+from ..checkpoint import list_snapshots, load_final, snapshot_step
+from ..config import load_scenario
+from ..control import whole_square_image
+from ..errors import ConfigError
+from ..latent_cache import LatentDataset
+from ..models import model_from_config
+from ..provenance import atomic_write_json
+from ..recipe import build_run_objective, pad_captions
+from ..samples import INDEX, save_set
+from ..sampling import FORWARD_BATCH, sample_latents
+from ..spec import Recipe, Run, Scenario
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    return [seed * 1_000_003 + i for i in range(count)]
+
+
+def sampling_conditions(num_samples: int, num_classes: int, original_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-balanced labels (image i gets class i mod K) and the control of a whole square image."""
+    return torch.arange(num_samples) % num_classes, whole_square_image(original_size, num_samples)
+
+
+@torch.no_grad()
+def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for chunk in latents.split(batch_size):
+        pixels = vae.decode(chunk / scaling + shift).sample
+        out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out)
+
+
+def sampling_captions(cache: LatentDataset, labels: torch.Tensor, recipe: Recipe, seed: int):
+    """Caption states for text-conditional sampling: image i gets the (i // K)-th cached caption of its
+    class (cache order, cycling), so captions are class-balanced like the labels, fixed across seeds and
+    snapshots, and cond_accuracy still has a class to check. Padded as the recipe trains (the noise of
+    noisy_replicate from a fixed generator, so every sampling seed sees the same captions)."""
+    data = cache.rows()
+    if "text_emb" not in data:
+        raise ConfigError(f"{cache.dir}: text-conditional sampling needs caption states in the latent cache "
+                          "(it was encoded without a text encoder)")
+    labels_all = data.column("label")
+    by_class = [torch.nonzero(labels_all == c).flatten() for c in range(len(cache.classes))]
+    empty = [cache.classes[c] for c, rows in enumerate(by_class) if len(rows) == 0]
+    if empty:
+        raise ConfigError(f"{cache.dir}: no cached caption of class(es) {empty} to condition on")
+    K = len(cache.classes)
+    rows = torch.stack([by_class[int(c)][(i // K) % len(by_class[int(c)])] for i, c in enumerate(labels)])
+    picked = data.gather(rows, ["text_emb", "text_len"])
+    return pad_captions(recipe, picked["text_emb"], picked["text_len"], torch.Generator().manual_seed(seed))
+
+
+def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
+    recipe, scfg = scenario.recipe(run), scenario.config["sampling"]
+    paths = scenario.layout.run(run.run_id)
+    out = paths.samples
+    out.mkdir(parents=True, exist_ok=True)
+    cache = LatentDataset(scenario.layout.latents(run.data_key), verify=False)
+    scaling, shift = cache.scaling_factor, cache.shift_factor
+    vae = load_vae(scenario.layout.vae).eval()
+    objective = build_run_objective(scenario, run)
+    labels, control = sampling_conditions(scfg["num_samples"], len(cache.classes), scfg["original_size"])
+    _, model_config, _ = load_final(paths.final)
+    model = model_from_config(model_config).eval()
+    latent_shape = tuple(cache.manifest["latent_shape"])
+    entries = []
+    snapshots = list_snapshots(paths.checkpoints)
+    sampler = scenario.sampler(run)
+
+    text, text_mask = None, None
+    if recipe.text_conditional:
+        text, text_mask = sampling_captions(cache, labels, recipe, seed=scenario.config["seed"])
+
+    def draw(seed: int, guidance: float, ctrl: torch.Tensor) -> torch.Tensor:
+        latents = sample_latents(model, objective, None if text is not None else labels,
+                                 ctrl if recipe.uses_control else None, text=text, text_mask=text_mask,
+                                 latent_shape=latent_shape, steps=scfg["steps"],
+                                 guidance_semantic=guidance, guidance_control=scfg["guidance_control"],
+                                 guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
+                                 batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH)
+        return decode_to_uint8(vae, latents, scaling, shift)
+
+    for snapshot in snapshots:
+        step = snapshot_step(snapshot)
+        model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
+        # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
+        snapshot_seeds = scfg["seeds"] if snapshot == snapshots[-1] else scfg["seeds"][:1]
+        images = [draw(seed, scfg["guidance"], control) for seed in snapshot_seeds]
+        seeds = [torch.full((len(labels),), seed, dtype=torch.int64) for seed in snapshot_seeds]
+        name = f"step-{step:07d}.safetensors"
+        save_set(out / name, {"images": torch.cat(images), "labels": labels.repeat(len(snapshot_seeds)),
+                              "seeds": torch.cat(seeds), "control": control.repeat(len(snapshot_seeds), 1)})
+        entries.append({"step": step, "file": name, "seeds": snapshot_seeds})
+        log(f"{run.run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {len(labels)} images)")
+    # the model now holds the final snapshot's weights
+    extra = {}
+    if scfg["guidance_sweep"]:
+        scales = [float(g) for g in scfg["guidance_sweep"]]
+        seed = scfg["seeds"][0]
+        images = [draw(seed, g, control) for g in scales]
+        save_set(out / "guidance.safetensors", {
+            "images": torch.cat(images), "labels": labels.repeat(len(scales)),
+            "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(len(labels))})
+        extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
+                                   "step": entries[-1]["step"]}
+        log(f"{run.run_id}: guidance sweep at scales {scales} (seed {seed})")
+    if scfg["size_conditions"] and not recipe.uses_control:
+        log(f"{run.run_id}: size conditions skipped: recipe {run.recipe} has no control conditioning")
+    elif scfg["size_conditions"]:
+        sizes = [int(v) for v in scfg["size_conditions"]]
+        images, seeds, size_col = [], [], []
+        for seed in scfg["seeds"]:
+            for size in sizes:
+                images.append(draw(seed, scfg["guidance"], whole_square_image(size, len(labels))))
+                seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
+                size_col.append(torch.full((len(labels),), size, dtype=torch.int64))
+        n_sets = len(sizes) * len(scfg["seeds"])
+        save_set(out / "sizes.safetensors", {"images": torch.cat(images), "labels": labels.repeat(n_sets),
+                                             "seeds": torch.cat(seeds), "sizes": torch.cat(size_col),
+                                             "index": torch.arange(len(labels)).repeat(n_sets)})
+        extra["size_conditions"] = {"file": "sizes.safetensors", "sizes": sizes, "seeds": scfg["seeds"],
+                                    "step": entries[-1]["step"]}
+        log(f"{run.run_id}: size conditions {sizes} x {len(scfg['seeds'])} seeds")
+    atomic_write_json(out / INDEX, {
+        "run_id": run.run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
+        "sampler": sampler, "steps": scfg["steps"],
+        "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"],
+                     "interval": scfg["guidance_interval"]},
+        "forward_batch": FORWARD_BATCH, "image_seeds": "seed * 1000003 + i",
+        "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
+        # what evaluation needs to cost the model (REPORT.md's efficiency table) without the checkpoint
+        "model_config": model_config, "latent_shape": list(latent_shape),
+        "text_tokens": 0 if text is None else int(text.shape[1]), **extra,
+    })
+    for stale in ("guidance.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
+        if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
+            (out / stale).unlink()
+    return out / INDEX
+
+
+def run(args) -> None:
+    scenario = load_scenario(args.config)
+    print(f"samples index: {sample_run(scenario, scenario.run(args.run))}")
