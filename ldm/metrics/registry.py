@@ -1,14 +1,14 @@
 """The one list of metrics: name, protocol text, direction, plotting, REPORT.md order, needs, computation.
 
 Every other place that knows about metrics reads this module: the config schema's `evaluation.metrics`
-enum (checked by tests/test_metric_registry.py), `ldm.evaluate` (what an image set is scored on and the
-protocol texts of a record), `ldm.report` (directions, curve plots) and `ldm.study` (directions, REPORT.md
+enum (checked by tests/test_metric_registry.py), `ldm.stages.evaluate` (what an image set is scored on and the
+protocol texts of a record), `ldm.stages.report` (directions, curve plots) and `ldm.study` (directions, REPORT.md
 columns). A name that is not here raises `UnknownMetricError`: no metric silently gets a default direction.
 
 Adding a metric is one `MetricSpec` in `METRICS` (plus its compute function, and the schema enum). Metrics
 computed jointly share a `group` and one compute function returning all of them (precision + recall from
 one pair of k-NN manifolds). `size_consistency` needs the size-condition samples rather than one image set,
-so it has no per-image-set compute function (`ldm.evaluate.size_consistency_per_seed` computes it);
+so it has no per-image-set compute function (`ldm.stages.evaluate.size_consistency_per_seed` computes it);
 `size_consistency_pairwise` comes out of the same computation and cannot be selected on its own.
 
 `METRICS` is ordered as the schema enum, which is also the order an image set's values are computed and
@@ -53,7 +53,7 @@ class ImageSet:
 
 
 class EvalContext(Protocol):
-    """What compute functions read from the evaluation (`ldm.evaluate._Context`); loaded lazily there."""
+    """What compute functions read from the evaluation (`ldm.stages.evaluate._Context`); loaded lazily there."""
 
     ref_stats: tuple
     real_features: np.ndarray

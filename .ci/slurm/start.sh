@@ -13,7 +13,7 @@ D=${LDM_SLURM_DIR:-/var/tmp/ldm-slurm-ci}
 PARTITION=${LDM_SLURM_PARTITION:-ci}
 WAIT=${LDM_SLURM_WAIT:-60}
 CONF=/etc/slurm/slurm.conf
-MARK="# written by ldm-recipes ci/slurm/start.sh"
+MARK="# written by ldm-recipes .ci/slurm/start.sh"
 log() { echo "[slurm-start] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 

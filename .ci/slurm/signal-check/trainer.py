@@ -1,4 +1,4 @@
-"""Stand-in for `ldm train` in ci/slurm/signal-check.sh: records each start (with SLURM's job id), on
+"""Stand-in for `ldm train` in .ci/slurm/signal-check.sh: records each start (with SLURM's job id), on
 SIGTERM/SIGUSR1 records the signal, "snapshots" for 3 s, and exits 75 like `ldm train`; else runs ~25 s."""
 import os
 import signal

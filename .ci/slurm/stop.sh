@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop exactly the daemons that ci/slurm/start.sh started (listed in $LDM_SLURM_DIR/started, each with the
+# Stop exactly the daemons that .ci/slurm/start.sh started (listed in $LDM_SLURM_DIR/started, each with the
 # pid file it wrote), newest first: slurmd, slurmctld, then munged. A daemon that start.sh found already
 # running is not in the list and keeps running. Safe to call twice or when nothing was started.
 set -uo pipefail

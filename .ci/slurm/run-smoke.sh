@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the smoke DAG (config/smoke.yaml) through Snakemake's SLURM executor on the cluster that
-# ci/slurm/start.sh started, then prove that it really went through SLURM:
+# .ci/slurm/start.sh started, then prove that it really went through SLURM:
 #   - every job Snakemake did not run locally was submitted with sbatch (the plugin logs its SLURM job id),
 #   - SLURM's own job-completion records (`sacct --completion`) list each of those ids COMPLETED, exit 0:0,
 #   - the smoke outputs exist (every run's checkpoint and metrics, the summary), and a dry rerun has nothing
@@ -21,7 +21,7 @@ log() { echo "[slurm-smoke] $*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 
 node_state=$(sinfo -h -o '%T' 2>/dev/null | head -1 || true)
-case "$node_state" in idle|mixed|allocated) ;; *) die "no usable SLURM node (sinfo: '${node_state}'); run ci/slurm/start.sh first" ;; esac
+case "$node_state" in idle|mixed|allocated) ;; *) die "no usable SLURM node (sinfo: '${node_state}'); run .ci/slurm/start.sh first" ;; esac
 
 # The SLURM jobs run `{sys.executable} -m ldm.cli` and `python -m snakemake` from this interpreter: it must
 # be the one where the package is installed, at a path slurmd's jobs can see (same machine here).
