@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.train_overhead import cpu_model, minimal_step_fn  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 from ldm.layout import Layout  # noqa: E402
-from ldm.latent_cache import LatentDataset, ShardShuffledLatents  # noqa: E402
+from ldm.data.latent_cache import LatentDataset, ShardShuffledLatents  # noqa: E402
 
 RUN = "dit.synthetic.scratch.64"
 RUN_DATA = "r64"  # the run's latent cache (64 px, center crop)

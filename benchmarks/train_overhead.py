@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ldm.config import load_config  # noqa: E402
-from ldm.latent_cache import LatentDataset, sample_latents  # noqa: E402
+from ldm.data.latent_cache import LatentDataset, sample_latents  # noqa: E402
 from ldm.recipe import build_run_model, build_run_objective  # noqa: E402
 from ldm.spec import Scenario  # noqa: E402
 from ldm.stages.train import train_run  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 from .control import mirror_flipped
 from .diffusion import build_objective
 from .errors import ConfigError
-from .latent_cache import sample_latents
+from .data.latent_cache import sample_latents
 from .models import build_model
 from .models.conditioning import drop_conditions
 from .spec import Recipe, Run, Scenario

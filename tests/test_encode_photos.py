@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldm.autoencoder import tiny_vae_config, train_tiny_vae
 from ldm.cli import main
-from ldm.latent_cache import LatentDataset
+from ldm.data.latent_cache import LatentDataset
 from ldm.data.prepared import load_prepared
 from test_latents import SMALL, shapes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.latent_cache import LatentDataset
+from ldm.data.latent_cache import LatentDataset
 from ldm.stages.encode import encode_latents
 from ldm.text import load_text_encoder
 from test_latents import CAPTIONS, _sd_like_vae, _tiny_clip, shapes, to_unit, write_prepared

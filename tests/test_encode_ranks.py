@@ -9,7 +9,7 @@ import pytest
 
 from ldm.autoencoder import tiny_vae_config, train_tiny_vae
 from ldm.cli import main
-from ldm.latent_cache import LatentDataset
+from ldm.data.latent_cache import LatentDataset
 from ldm.stages.encode import encode_latents
 from test_latents import SMALL, shapes, write_prepared
 

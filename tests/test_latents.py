@@ -17,7 +17,7 @@ import torch
 from ldm.autoencoder import (MissingWeightsError, load_vae, tiny_vae_config, train_tiny_vae,
                              vae_identity)
 from ldm.errors import CorruptShardError
-from ldm.latent_cache import LatentDataset, ShardShuffledLatents, map_safetensors, sample_latents
+from ldm.data.latent_cache import LatentDataset, ShardShuffledLatents, map_safetensors, sample_latents
 from ldm.stages.encode import encode_latents
 from ldm.text import load_text_encoder, minilm_path, pad_tokens
 

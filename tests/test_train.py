@@ -468,7 +468,7 @@ def text_config(cache_config, tmp_path_factory):
 
 
 def test_text_conditional_training_feeds_padded_captions(text_config, monkeypatch):
-    from ldm.latent_cache import LatentDataset
+    from ldm.data.latent_cache import LatentDataset
 
     dim = LatentDataset(Path(text_config["workdir"]) / "latents" / "synthetic" / "r16").manifest["text_encoder"]["dim"]
     for dropout, padding in ((1.0, "zero_mask"), (0.0, "noisy_replicate")):

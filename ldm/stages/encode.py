@@ -1,6 +1,6 @@
 """`ldm encode`: prepared images -> latent cache (VAE posteriors of each crop and its mirror, caption states).
 
-Format (docs/formats.md, read by `ldm.latent_cache`): `shard-NNNNN.safetensors` with the VAE posterior of each crop and of its
+Format (docs/formats.md, read by `ldm.data.latent_cache`): `shard-NNNNN.safetensors` with the VAE posterior of each crop and of its
 horizontal mirror (mean/std, fp16), label, control (orig/crop box), text token states (fp16) and
 lengths, plus `manifest.json` (counts, per-shard sha256, VAE identity, scaling/shift factors, latent
 shape, crop policy, text encoder, classes).
@@ -34,7 +34,7 @@ import torch
 from ldm.autoencoder import downsample_factor, load_vae, vae_identity
 from ldm.control import CONTROL_FIELDS
 from ldm.data.prepared import PreparedRows
-from ldm.latent_cache import FORMAT, MANIFEST, MOMENTS, shard_name
+from ldm.data.latent_cache import FORMAT, MANIFEST, MOMENTS, shard_name
 from ldm.layout import PREPARED_REPORT
 from ldm.provenance import atomic_write_json, file_sha256
 

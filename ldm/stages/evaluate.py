@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from ..checkpoint import load_final
 from ..config import load_scenario
 from ..data.prepared import load_prepared
-from ..latent_cache import LatentDataset
+from ..data.latent_cache import LatentDataset
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
 from ..metrics.evaluator import load_evaluator

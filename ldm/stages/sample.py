@@ -27,7 +27,7 @@ from ..checkpoint import list_snapshots, load_final, snapshot_step
 from ..config import load_scenario
 from ..control import whole_square_image
 from ..errors import ConfigError
-from ..latent_cache import LatentDataset
+from ..data.latent_cache import LatentDataset
 from ..models import model_from_config
 from ..provenance import atomic_write_json
 from ..recipe import build_run_objective, pad_captions

@@ -36,7 +36,7 @@ from ..checkpoint import (
 )
 from ..config import load_scenario
 from ..errors import ConfigError, NonFiniteLossError
-from ..latent_cache import LatentDataset
+from ..data.latent_cache import LatentDataset
 from ..models import model_from_config
 from ..optim import adamw, ema_decay_at, load_optimizer_state, lr_at, optimizer_state, update_ema
 from ..provenance import atomic_write_json, digest
@@ -73,7 +73,7 @@ def make_accelerator(tcfg: dict) -> Accelerator:
 
     AcceleratorState._reset_state()  # one process may train several runs with different settings
     kwargs = {}
-    if tcfg.get("distributed", "ddp") == "fsdp":
+    if tcfg["distributed"] == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
@@ -127,10 +127,10 @@ class Trainer:
         acc = self.accelerator
         self.main, self.rank, self.world = acc.is_main_process, acc.process_index, acc.num_processes
         self.fsdp = acc.distributed_type.name == "FSDP"
-        if self.tcfg.get("distributed", "ddp") == "fsdp" and not self.fsdp:
+        if self.tcfg["distributed"] == "fsdp" and not self.fsdp:
             log(f"{run.run_id}: training.distributed=fsdp, but accelerate shards only on GPUs/accelerators; this "
                 f"run trains as {acc.distributed_type.name} on {self.world} process(es)")
-        self.grad_accum = int(self.tcfg.get("grad_accum", 1))
+        self.grad_accum = int(self.tcfg["grad_accum"])
         self.batch_size = self.tcfg["batch_size"]
         self.micro_slices = _micro_batches(self.batch_size, self.world, self.rank, self.grad_accum)
         self._open_data()
@@ -233,7 +233,7 @@ class Trainer:
                           {**self.data_state, "order": self.order.tolist()}, self.model_config, self.resume_key,
                           extra={"nonfinite_skips": self.nonfinite_skips, "world_size": self.world}, tmp=tmp)
             if not evaluated:
-                prune_snapshots(paths.resume, self.tcfg.get("keep_last", 2))
+                prune_snapshots(paths.resume, self.tcfg["keep_last"])
         acc.wait_for_everyone()
 
     # --- one optimizer step ----------------------------------------------------------------------------
@@ -250,8 +250,8 @@ class Trainer:
                                      uses_control=bool(self.model_config.get("control_mode")))
         t_all, noise_all = self.objective.draw(tuple(x0.shape), noise_gen)
         device = acc.device
-        lr = lr_at(step, self.base_lr, tcfg["warmup"], tcfg.get("lr_schedule", "constant"), self.stage.steps,
-                   tcfg.get("min_lr_ratio", 0.0))
+        lr = lr_at(step, self.base_lr, tcfg["warmup"], tcfg["lr_schedule"], self.stage.steps,
+                   tcfg["min_lr_ratio"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +277,7 @@ class Trainer:
     def apply_update(self, step: int, step_loss: torch.Tensor):
         """Clip, step and update the EMA; a non-finite loss skips the update (up to max_nonfinite_skips).
         Returns the gradient norm, or None when the update was skipped."""
-        tcfg, limit = self.tcfg, self.tcfg.get("max_nonfinite_skips", 0)
+        tcfg, limit = self.tcfg, self.tcfg["max_nonfinite_skips"]
         if not torch.isfinite(step_loss):
             if self.nonfinite_skips >= limit:
                 last = latest_snapshot(self.paths.checkpoints, self.paths.resume)
@@ -312,7 +312,7 @@ class Trainer:
         self.masked = float(self.model_config.get("mask_ratio", 0) or 0) > 0
         total = self.stage.steps
         targets = snapshot_steps(total, self.tcfg["snapshots"], with_zero=self.init_path is not None)
-        every = self.tcfg.get("checkpoint_every")
+        every = self.tcfg["checkpoint_every"]
         self.stop = _StopFlag()
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         # The epoch's permutation is saved with each snapshot; a fresh run draws the first one here.

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CorruptShardError
-from .layout import CACHE_MANIFEST
-from .provenance import file_sha256
+from ..errors import CorruptShardError
+from ..layout import CACHE_MANIFEST
+from ..provenance import file_sha256
 
 FORMAT = "ldm-latent-cache/1"
 MANIFEST = CACHE_MANIFEST
