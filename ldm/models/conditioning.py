@@ -1,11 +1,9 @@
 """Control-metadata conditioning (SDXL micro-conditioning, and the paper's disentangled variant).
 
-The control vector of a sample is ``(orig_h, orig_w, crop_top, crop_left, crop_h, crop_w)`` in raw pixels
-(the latent cache's ``control`` column). Each scalar gets a 256-d sinusoidal embedding (as SDXL); the
-scalars of one group are concatenated and mapped by that group's MLP to the hidden size. Groups:
-
-- ``size``: orig_h, orig_w
-- ``crop``: crop_top, crop_left, crop_h, crop_w
+The control vector of a sample (fields, order and groups: ``ldm.control``, defined once there) is
+``(orig_h, orig_w, crop_top, crop_left, crop_h, crop_w)`` in raw pixels. Each scalar gets a 256-d sinusoidal
+embedding (as SDXL); the scalars of one group (``size``: orig_h, orig_w; ``crop``: the crop box) are
+concatenated and mapped by that group's MLP to the hidden size.
 
 Each group's embedding is scaled by a time weight ``w(t) = cos(pi/2 * clamp(t + offset, 0, 1)) ** p`` with
 ``t`` the noise level in [0, 1] (1 = pure noise). ``mode="additive"`` is SDXL (w = 1); ``"disentangled"``
@@ -24,7 +22,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layers import CaptionEmbedder, timestep_embedding
+from ..control import CONTROL_FIELDS, CONTROL_GROUPS, check_shape
+from .layers import CaptionEmbedder, masked_mean, timestep_embedding
 
 __all__ = [
     "TIME_SCALE",
@@ -41,8 +40,6 @@ __all__ = [
 ]
 
 TIME_SCALE = 999.0
-CONTROL_FIELDS = ("orig_h", "orig_w", "crop_top", "crop_left", "crop_h", "crop_w")
-CONTROL_GROUPS: dict[str, tuple[int, ...]] = {"size": (0, 1), "crop": (2, 3, 4, 5)}
 CONTROL_MODES = ("additive", "disentangled")
 
 
@@ -62,7 +59,7 @@ def control_weight(t: torch.Tensor, exponent: float = 1.0, offset: float = 0.0) 
 
 
 class ControlEmbedder(nn.Module):
-    """Control vector (B, 6) -> (B, hidden), to be added to the timestep + class embedding."""
+    """Control vector (B, CONTROL_WIDTH) -> (B, hidden), to be added to the timestep + class embedding."""
 
     def __init__(
         self,
@@ -114,8 +111,7 @@ class ControlEmbedder(nn.Module):
     def forward(
         self, control: torch.Tensor, t_model: torch.Tensor, control_keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if control.ndim != 2 or control.shape[1] != len(CONTROL_FIELDS):
-            raise ValueError(f"control must be (B, {len(CONTROL_FIELDS)}) {CONTROL_FIELDS}, got {tuple(control.shape)}")
+        check_shape(control)
         B = control.shape[0]
         weights = self.weights(t_model.reshape(-1).expand(B) if t_model.numel() == 1 else t_model)
         dtype = self.groups["size"][0].weight.dtype
@@ -176,13 +172,16 @@ def semantic_condition(
     """Semantic inputs -> (vector added to the adaLN conditioning or None, attention tokens or None, token mask).
 
     ``y_embedder`` is a ``layers.LabelEmbedder`` (class-conditional) or ``layers.CaptionEmbedder`` (text).
-    semantic="adaln": the class embedding joins the timestep embedding (DiT); "attention": it is one token for
-    cross-attention and the adaLN path never sees it (the paper's disentangled semantic path).
+    semantic="adaln": the class embedding (a caption: the masked mean of its projected tokens) joins the
+    timestep embedding (DiT); "attention": it is one token for cross-attention (a caption: its tokens) and the
+    adaLN path never sees it (the paper's disentangled semantic path).
     """
     if isinstance(y_embedder, CaptionEmbedder):
         if text is None:
             raise ValueError("this model is text-conditional (text_dim set) and needs text=(B, L, text_dim)")
         tokens, mask = y_embedder(text, text_mask, text_keep)
+        if semantic == "adaln":
+            return masked_mean(tokens, mask), None, None
         return None, tokens, mask
     if class_labels is None:
         raise ValueError("this model is class-conditional (text_dim=None) and needs class_labels")

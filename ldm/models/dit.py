@@ -21,24 +21,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .conditioning import ControlEmbedder, resolve_semantic, semantic_condition
-from .layers import (
-    constructor_config,
-    Attention,
-    CaptionEmbedder,
-    CrossAttention,
-    GridPosEmbed,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    modulate,
-    unpatchify,
-)
+from .base import ArchitectureInfo, PatchTransformer
+from .layers import Attention, CrossAttention, FinalLayer, Mlp, modulate, unpatchify, xavier_linears, zero_module
 
-__all__ = ["DiT", "DIT_SIZES"]
+__all__ = ["DiT", "DIT_SIZES", "FinalLayer", "ARCHITECTURE"]
 
 # name -> (hidden, depth, heads, patch); XL/2 at latent 32, 4 channels, 1000 classes, learn_sigma: 675M params
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -77,151 +64,51 @@ class DiTBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map of each token to its p*p*C output patch."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-class DiT(GridPosEmbed, nn.Module):
-    """DiT on latents (B, C, H, W), class- or (semantic="attention") text-conditional; ``config`` rebuilds it
-    via ``model_from_config``."""
+class DiT(PatchTransformer):
+    """DiT on latents (B, C, H, W), class- or (semantic="attention") text-conditional; constructor keywords are
+    ``PatchTransformer``'s and ``config`` rebuilds it via ``model_from_config``."""
 
     arch = "dit"
+    name = "DiT"
+    default_semantic = "adaln"
 
-    def __init__(
-        self,
-        *,
-        latent_size: int = 32,
-        in_channels: int = 4,
-        num_classes: int = 1000,
-        text_dim: int | None = None,
-        semantic: str | None = None,
-        null_caption_tokens: int = 1,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        patch_size: int = 2,
-        mlp_ratio: float = 4.0,
-        learn_sigma: bool = True,
-        qk_norm: bool = False,
-        class_dropout_prob: float = 0.1,
-        control_mode: str | None = None,
-        control_exponents: dict[str, float] | None = None,
-        control_offsets: dict[str, float] | None = None,
-        control_dropout_prob: float = 0.1,
-        pos_embed_base: float | None = None,
-        gradient_checkpointing: bool = False,
-    ):
-        super().__init__()
-        if latent_size % patch_size:
-            raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
-        semantic = resolve_semantic(semantic, "adaln", text_dim, "DiT")
-        # class_dropout_prob / control_dropout_prob are recipe values read by the training loop; kept in the
-        # config so a checkpoint records how it was trained.
-        self.config = constructor_config(DiT, locals())
-        self.latent_size = latent_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.text_dim = text_dim
-        self.semantic = semantic
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.gradient_checkpointing = gradient_checkpointing
+    def build_layers(self, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, null_caption_tokens: int):
+        hidden_size = self.hidden_size
+        self.y_embedder = self.make_label_or_caption_embedder(hidden_size, null_caption_tokens)
+        self.control_embedder = self.make_control_embedder(hidden_size)
+        cross = self.semantic == "attention"
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = (
-            LabelEmbedder(num_classes, hidden_size)
-            if text_dim is None
-            else CaptionEmbedder(text_dim, hidden_size, null_caption_tokens)
-        )
-        self.control_embedder = (
-            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
-        )
-        cross = semantic == "attention"
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.grid_size = latent_size // patch_size
-        self.register_buffer("pos_embed", self._pos_embed_for(self.grid_size, self.grid_size), persistent=False)
-        self.initialize_weights()
-
-    # --- init -------------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier-uniform linears with zero bias, patch conv as a linear, N(0, .02) label
         table and timestep MLP, zero adaLN regressors and final linear (adaLN-Zero: identity blocks, 0 output)."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if isinstance(self.y_embedder, LabelEmbedder):
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        else:  # PixArt's caption projection init
-            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        xavier_linears(self)
+        self.x_embedder.initialize()
+        self.y_embedder.initialize()  # label table N(0, .02); a caption embedder gets PixArt's init
+        self.t_embedder.initialize()
         if self.control_embedder is not None:
             self.control_embedder.initialize()
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            zero_module(block.adaLN_modulation[-1])
             if block.cross_attn is not None:  # PixArt: a fresh cross-attention adds nothing
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+                zero_module(block.cross_attn.proj)
+        self.final_layer.initialize()
 
-    # --- forward ----------------------------------------------------------------------------------------
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
-        control_keep: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        text_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model contract's forward (``ldm.models``): x (B, C, H, W), t (B,) float 0..999, class_labels (B,)
-        with num_classes = null, or text (B, L, text_dim) + text_mask/text_keep; control (B, 6) raw pixels or
-        None (= dropped), control_keep (B,) 0/1. Returns (B, C or 2C, H, W)."""
-        B = x.shape[0]
-        h, grid = self._embed_patches(x)
-        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        c = self.t_embedder(t)
-        y, context, mask = semantic_condition(self.y_embedder, self.semantic, class_labels, text, text_mask, text_keep)
-        if y is not None:
-            c = c + y
-        if control is not None:
-            if self.control_embedder is None:
-                raise ValueError("this DiT was built without control conditioning (control_mode=None) but got control")
-            c = c + self.control_embedder(control, t, control_keep)
+    def denoise(self, x, t, c, context, mask) -> torch.Tensor:
+        h, grid = self.embed_patches(x)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, context, mask, use_reentrant=False)
-            else:
-                h = block(h, c, context, mask)
+            h = self.run_block(block, h, c, context, mask)
         h = self.final_layer(h, c)
         return unpatchify(h, grid, self.patch_size, self.out_channels)
+
+
+ARCHITECTURE = ArchitectureInfo(
+    name="dit",
+    cls=DiT,
+    sizes=DIT_SIZES,
+    published_size="XL/2",
+    published_conditioning={"learn_sigma": True},  # ImageNet labels; DiT predicts the variance
+    published_fid=2.27,
+    published_fid_source="DiT-XL/2, Peebles & Xie 2023 (512 px: 3.04)",
+)

@@ -6,9 +6,10 @@ matmuls, convolutions and attention kernels (2 FLOPs per multiply-add; elementwi
 which is also the convention of the DiT paper's Gflops column).
 
 Each architecture is counted as published: image latents of the SD-VAE (f = 8, 4 channels) and the
-conditioning its paper trains with (1000 ImageNet classes; caption tokens for the text-to-image models,
-see ``PUBLISHED_CONDITIONING``). ``learn_sigma`` follows the published models too (DiT, mDT, PixArt-α
-predict the variance; mmDiT and the LDM UNet do not).
+conditioning its paper trains with (1000 ImageNet classes; caption tokens for the text-to-image models):
+each architecture's registry entry (``published_conditioning``, ``published_size``) says which.
+``learn_sigma`` follows the published models too (DiT, mDT, PixArt-α predict the variance; mmDiT and the
+LDM UNet do not).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import ARCHITECTURES, build_model
+from ..control import CONTROL_WIDTH
+from . import REGISTRY, architecture, build_model
 
 __all__ = ["PUBLISHED_SIZE", "PUBLISHED_CONDITIONING", "count_parameters", "count_forward_flops", "forward_flops",
            "run_cost", "inventory"]
@@ -26,20 +28,11 @@ VAE_FACTOR = 8
 VAE_CHANNELS = 4
 IMAGENET_CLASSES = 1000
 
-#: name of the configuration the paper compares, per architecture
-PUBLISHED_SIZE = {"dit": "XL/2", "mdt": "XL/2", "pixart": "XL/2", "mmdit": "XL/2", "unet": "LDM-4",
-                  "improved": "XL/2"}
-
-#: constructor keywords and text length (tokens) of each architecture's published conditioning.
-#: PixArt-α: T5-XXL states, 4096-d, 120 tokens (PixArt-α paper, sec. 3). mmDiT: SD3's context is CLIP-L/G
-#: and T5 states projected to 4096-d, 77 + 256 = 333 tokens (SD3 paper, sec. 5). Class-conditional
-#: architectures (DiT, mDT, LDM-4) take ImageNet labels only.
+#: name of the configuration the paper compares, per architecture (views of the registry, for old importers)
+PUBLISHED_SIZE = {name: info.published_size for name, info in REGISTRY.items()}
+#: constructor keywords and text length (tokens) of each architecture's published conditioning
 PUBLISHED_CONDITIONING: dict[str, dict[str, Any]] = {
-    "dit": {"learn_sigma": True},
-    "mdt": {"learn_sigma": True},
-    "unet": {"learn_sigma": False},
-    "pixart": {"learn_sigma": True, "text_dim": 4096, "text_tokens": 120},
-    "mmdit": {"learn_sigma": False, "text_dim": 4096, "text_tokens": 333},
+    name: dict(info.published_conditioning) for name, info in REGISTRY.items()
 }
 
 
@@ -48,7 +41,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def _build(arch: str, size: str, latent_size: int) -> tuple[torch.nn.Module, int]:
-    spec = dict(PUBLISHED_CONDITIONING.get(arch, {"learn_sigma": True}))
+    spec = dict(architecture(arch).published_conditioning)
     text_tokens = int(spec.pop("text_tokens", 0))
     with torch.device("meta"):
         model = build_model(arch, size, latent_size=latent_size, in_channels=VAE_CHANNELS,
@@ -64,11 +57,11 @@ def count_forward_flops(model: torch.nn.Module, latent_shape: tuple[int, int, in
     x = torch.empty(1, *latent_shape, device=meta)
     t = torch.empty(1, device=meta)
     kwargs: dict[str, torch.Tensor] = {"class_labels": torch.zeros(1, dtype=torch.long, device=meta)}
-    if getattr(model, "text_dim", None):
+    if model.text_dim:
         kwargs = {"text": torch.empty(1, max(text_tokens, 1), model.text_dim, device=meta),
                   "text_keep": torch.ones(1, device=meta)}
-    if getattr(model, "config", {}).get("control_mode"):
-        kwargs["control"] = torch.empty(1, 6, device=meta)
+    if model.takes_control:
+        kwargs["control"] = torch.empty(1, CONTROL_WIDTH, device=meta)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, t, **kwargs)
@@ -97,17 +90,16 @@ def run_cost(model_config: dict, latent_shape: tuple[int, int, int], text_tokens
 def inventory(archs: list[str] | None = None, sizes: list[str] | None = None) -> list[dict[str, Any]]:
     """One record per (arch, size): params at the published conditioning and forward GFLOPs at 256/512 px."""
     rows = []
-    for arch in archs or list(ARCHITECTURES):
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
-        for size in ARCHITECTURES[arch][1]:
+    for arch in archs or list(REGISTRY):
+        info = architecture(arch)
+        for size in info.sizes:
             if sizes and size not in sizes:
                 continue
             model, _ = _build(arch, size, 256 // VAE_FACTOR)
             rows.append({
                 "arch": arch,
                 "size": size,
-                "published": size == PUBLISHED_SIZE.get(arch),
+                "published": size == info.published_size,
                 "params": count_parameters(model),
                 "fwd_gflops_256": round(forward_flops(arch, size, 256) / 1e9, 2),
                 "fwd_gflops_512": round(forward_flops(arch, size, 512) / 1e9, 2),

@@ -12,20 +12,17 @@ with ``base=None`` extends the range to coordinates never seen in training ("ext
 """
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "constructor_config",
     "Attention",
     "CrossAttention",
     "CaptionEmbedder",
-    "GridPosEmbed",
+    "FinalLayer",
     "Mlp",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -37,30 +34,34 @@ __all__ = [
     "modulate",
     "masked_mean",
     "key_mask",
+    "xavier_linears",
+    "zero_module",
 ]
-
-
-def constructor_config(cls: type, arguments: dict) -> dict:
-    """A model's ``config``: ``arch`` and every argument of ``cls.__init__`` by name, read from the
-    constructor's ``locals()`` (after it resolved defaults such as ``semantic``), so that
-    ``model_from_config(config)`` rebuilds the model. Mappings become plain dicts (empty -> None) and
-    tuples lists, so the config is JSON as saved in checkpoints."""
-    config = {"arch": arguments["self"].arch}  # the instance's: a subclass (the improved model) keeps its own
-    for name in inspect.signature(cls.__init__).parameters:
-        if name == "self":
-            continue
-        value = arguments[name]
-        if isinstance(value, Mapping):
-            value = dict(value) if value else None
-        elif isinstance(value, tuple):
-            value = list(value)
-        config[name] = value
-    return config
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation of token features x (B, N, D) by per-sample shift/scale (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def xavier_linears(model: nn.Module) -> None:
+    """DiT's base initialisation: every linear xavier-uniform with zero bias (architectures then re-draw
+    the few layers they initialise differently, in a fixed order so that a seed gives the same weights)."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(init)
+
+
+def zero_module(module: nn.Module) -> None:
+    """Zero a layer's weight and bias (adaLN-Zero regressors, output layers: a fresh block is the identity)."""
+    nn.init.zeros_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -192,6 +193,11 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
 
+    def initialize(self) -> None:
+        """N(0, 0.02) weights, as DiT."""
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
@@ -210,6 +216,10 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
+    def initialize(self, std: float = 0.02) -> None:
+        """N(0, std) table: 0.02 as DiT (LDM's ClassEmbedder keeps nn.Embedding's 1.0)."""
+        nn.init.normal_(self.embedding_table.weight, std=std)
+
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(labels)
 
@@ -227,11 +237,36 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
+    def initialize(self) -> None:
+        """Xavier-uniform as the linear map it is (DiT), zero bias."""
+        w = self.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.proj.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not divisible by patch size {p}")
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map of each token to its p*p*C output patch (DiT, mDT, MM-DiT)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def initialize(self) -> None:
+        """adaLN-Zero: regressor and output zero, so a fresh model outputs exactly 0."""
+        zero_module(self.adaLN_modulation[-1])
+        zero_module(self.linear)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
@@ -314,6 +349,11 @@ class CaptionEmbedder(nn.Module):
         mlp = projection == "mlp"
         self.y_proj = Mlp(text_dim, hidden_size, hidden_size) if mlp else nn.Linear(text_dim, hidden_size)
 
+    def initialize(self) -> None:
+        """PixArt's caption projection init: N(0, 0.02) weights of its MLP."""
+        nn.init.normal_(self.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_proj.fc2.weight, std=0.02)
+
     def with_null(
         self, text: torch.Tensor, text_mask: torch.Tensor | None = None, text_keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,33 +380,3 @@ class CaptionEmbedder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         text, text_mask = self.with_null(text, text_mask, text_keep)
         return self.y_proj(text), text_mask
-
-
-class GridPosEmbed:
-    """Mixin for patch transformers with a fixed 2-D sin-cos positional embedding buffer ``pos_embed``.
-
-    Needs ``self.config["pos_embed_base"]``, ``self.grid_size`` and ``self.hidden_size``. Other grid sizes at
-    forward time get an embedding at the configured coordinate spacing (base / grid) instead of an error.
-    """
-
-    def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
-        """Embedding for a gh x gw token grid at the configured coordinate spacing (base / grid)."""
-        base = self.config["pos_embed_base"]
-        if base is None:
-            return sincos_2d(self.hidden_size, (gh, gw)).unsqueeze(0)
-        if (gh, gw) == (self.grid_size, self.grid_size):
-            return sincos_2d(self.hidden_size, (gh, gw), float(base)).unsqueeze(0)
-        spacing = float(base) / self.grid_size
-        return sincos_2d(self.hidden_size, (gh, gw), (gh * spacing, gw * spacing)).unsqueeze(0)
-
-    def set_pos_embed_base(self, base: float | None) -> None:
-        """Re-evaluate the sin-cos embedding with a new coordinate range (resolution transfer)."""
-        self.config["pos_embed_base"] = base
-        device = self.pos_embed.device
-        self.pos_embed = self._pos_embed_for(self.grid_size, self.grid_size).to(device)
-
-    def _embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Latents (B, C, H, W) -> tokens with positional embedding added, and the token grid (gh, gw)."""
-        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        pos = self.pos_embed if (gh, gw) == (self.grid_size, self.grid_size) else self._pos_embed_for(gh, gw)
-        return self.x_embedder(x) + pos.to(device=x.device, dtype=x.dtype), (gh, gw)

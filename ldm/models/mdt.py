@@ -42,25 +42,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .conditioning import ControlEmbedder
-from .layers import (
-    constructor_config,
-    CaptionEmbedder,
-    CrossAttention,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    modulate,
-    sincos_2d,
-    unpatchify,
-)
+from .base import ArchitectureInfo, DiffusionModel
+from .conditioning import SEMANTIC_MODES
+from .layers import (Attention, CaptionEmbedder, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
+                     TimestepEmbedder, modulate, sincos_2d, unpatchify, xavier_linears, zero_module)
 
-__all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table"]
-
-SEMANTIC_MODES = ("adaln", "attention")
+__all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table", "ARCHITECTURE"]
 
 # decode_layers: 6 for S/2 and 4 for XL/2 as in sail-sg/MDT run.sh / README; B/2 (6) and L/2 (4) assumed.
 MDT_SIZES: dict[str, dict[str, int]] = {
@@ -107,26 +95,16 @@ class RelativePositionBias(nn.Module):
         return self.table[self.index.reshape(-1)].reshape(N, N, -1).permute(2, 0, 1)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(Attention):
     """Multi-head self-attention with an additive relative-position bias (restricted to kept tokens)."""
 
     def __init__(self, dim: int, num_heads: int, grid: int, qk_norm: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qkv_bias=True, qk_norm=bool(qk_norm))  # any qk_norm is LayerNorm here
         self.rel_pos_bias = RelativePositionBias(grid, num_heads)
 
     def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         bias = self.rel_pos_bias().unsqueeze(0)  # (1, H, Nfull, Nfull)
         if ids_keep is not None:
             H, Nf = bias.shape[1], bias.shape[-1]
@@ -175,24 +153,14 @@ class MDTBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map of each token to its p*p*C output patch."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-class MDT(nn.Module):
+class MDT(DiffusionModel):
     """MDTv2 on latents (B, C, H, W), class- or text-conditional; ``config`` rebuilds it."""
 
     arch = "mdt"
+    name = "MDT"
+    default_semantic = "adaln"
+    text_needs_attention = False  # adaLN gets the masked mean of the projected caption
+    has_pos_embed = True
 
     def __init__(
         self,
@@ -223,25 +191,15 @@ class MDT(nn.Module):
         super().__init__()
         if latent_size % patch_size:
             raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
-        semantic = semantic or "adaln"
-        if semantic not in SEMANTIC_MODES:
-            raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
+        self.setup(MDT, locals())
         if not 0 <= decode_layers <= depth or (depth - decode_layers) % 2:
             raise ValueError(f"depth - decode_layers must be even and >= 0, got {depth} - {decode_layers}")
         if mask_ratio < 0 or mask_ratio_jitter < 0 or mask_ratio + mask_ratio_jitter >= 1.0:
             raise ValueError(f"need 0 <= mask_ratio, jitter and mask_ratio + jitter < 1, got {mask_ratio}, {mask_ratio_jitter}")
-        self.config = constructor_config(MDT, locals())
-        self.latent_size = latent_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.text_dim = text_dim
         self.patch_size = patch_size
         self.hidden_size = hidden_size
-        self.semantic = semantic
-        self.gradient_checkpointing = gradient_checkpointing
         self.grid_size = g = latent_size // patch_size
-        cross = semantic == "attention"
+        cross = self.semantic == "attention"
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -249,9 +207,7 @@ class MDT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         else:
             self.text_embedder = CaptionEmbedder(text_dim, hidden_size)  # PixArt's projection + learned null caption
-        self.control_embedder = (
-            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
-        )
+        self.control_embedder = self.make_control_embedder(hidden_size)
         half = (depth - decode_layers) // 2
 
         def block(skip: bool) -> MDTBlock:
@@ -311,34 +267,19 @@ class MDT(nn.Module):
         """MDT/DiT init: xavier linears, zero adaLN regressors and output; N(0, .02) label table, timestep MLP,
         mask token and relative-position tables (trunc-normal in the reference); cross-attention output
         projections zero (PixArt) so every block starts as the identity."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_linears(self)
+        self.x_embedder.initialize()
         if self.text_dim is None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+            self.y_embedder.initialize()
+        self.t_embedder.initialize()
         if self.control_embedder is not None:
             self.control_embedder.initialize()
         for block in self.all_blocks():
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            zero_module(block.adaLN_modulation[-1])
             nn.init.trunc_normal_(block.attn.rel_pos_bias.table, std=0.02)
             if block.cross_attn is not None:
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+                zero_module(block.cross_attn.proj)
+        self.final_layer.initialize()
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.zeros_(self.pos_delta)
         nn.init.zeros_(self.decoder_pos_delta)
@@ -347,6 +288,11 @@ class MDT(nn.Module):
         return [*self.en_inblocks, *self.en_outblocks, *self.de_blocks, *self.sideblocks]
 
     # --- masking ----------------------------------------------------------------------------------------
+    @property
+    def masks_tokens(self) -> bool:
+        """Training adds MDT's masked pass (``mask_ratio > 0``)."""
+        return self.config["mask_ratio"] > 0
+
     def draw_mask(self, B: int, N: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids_keep (B, K), mask (B, N) with 1 = dropped) from ``generator`` only: one ratio per batch in
         [mask_ratio, mask_ratio + jitter], then per-sample random order (MDT's ``random_masking``)."""
@@ -363,76 +309,30 @@ class MDT(nn.Module):
         return ids_keep, mask
 
     # --- forward ----------------------------------------------------------------------------------------
-    def _run(self, block: MDTBlock, *args: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    @property
+    def semantic_embedder(self) -> nn.Module:
+        return self.y_embedder if self.text_dim is None else self.text_embedder
 
-    def _semantic(
-        self,
-        B: int,
-        class_labels: torch.Tensor | None,
-        text: torch.Tensor | None,
-        text_mask: torch.Tensor | None,
-        text_keep: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L, D) semantic tokens (a class is one token) and their key mask (None = all attended)."""
-        if self.text_dim is None:
-            if class_labels is None:
-                raise ValueError("class-conditional MDT needs class_labels (num_classes = the null class)")
-            return self.y_embedder(class_labels).unsqueeze(1), None
-        if text is None:
-            raise ValueError("text-conditional MDT needs text (B, L, text_dim)")
-        return self.text_embedder(text, text_mask, text_keep)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
-        control_keep: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        text_keep: torch.Tensor | None = None,
-        mask_generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """See the model contract in ``ldm.models``; ``mask_generator`` turns on MDT's masked pass."""
+    def denoise(self, x, t, c, context, context_mask, mask_generator: torch.Generator | None = None) -> torch.Tensor:
+        """``mask_generator`` turns on MDT's masked pass (see the module docstring)."""
         B = x.shape[0]
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         if (gh, gw) != (self.grid_size, self.grid_size):
             raise ValueError(f"MDT built for a {self.grid_size}x{self.grid_size} token grid, got {gh}x{gw}")
-        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        tokens, token_mask = self._semantic(B, class_labels, text, text_mask, text_keep)
-        c = self.t_embedder(t)
-        context = context_mask = None
-        if self.semantic == "adaln":
-            if token_mask is None:
-                c = c + tokens.mean(1)
-            else:
-                w = token_mask.to(tokens.dtype).unsqueeze(-1)
-                c = c + (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
-        else:
-            context, context_mask = tokens, token_mask
-        if control is not None:
-            if self.control_embedder is None:
-                raise ValueError("this MDT was built without control conditioning (control_mode=None) but got control")
-            c = c + self.control_embedder(control, t, control_keep)
-
         sincos = self.pos_sincos.to(device=x.device, dtype=x.dtype)
         h = self.x_embedder(x) + sincos + self.pos_delta
         input_skip = h
         ids_keep = mask = None
-        if mask_generator is not None and self.config["mask_ratio"] > 0:
+        if mask_generator is not None and self.masks_tokens:
             ids_keep, mask = self.draw_mask(B, h.shape[1], mask_generator, x.device)
             h = torch.gather(h, 1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
         skips = []
         for block in self.en_inblocks:
-            h = self._run(block, h, c, None, ids_keep, context, context_mask)
+            h = self.run_block(block, h, c, None, ids_keep, context, context_mask)
             skips.append(h)
         for block in self.en_outblocks:
-            h = self._run(block, h, c, skips.pop(), ids_keep, context, context_mask)
+            h = self.run_block(block, h, c, skips.pop(), ids_keep, context, context_mask)
 
         decoder_pos = sincos + self.decoder_pos_delta
         if ids_keep is not None:
@@ -442,12 +342,23 @@ class MDT(nn.Module):
             full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]), h) + decoder_pos
             side = full
             for block in self.sideblocks:
-                side = self._run(block, side, c, None, None, context, context_mask)
+                side = self.run_block(block, side, c, None, None, context, context_mask)
             m = mask.to(h.dtype).unsqueeze(-1)
             h = side * m + full * (1 - m)
         else:
             h = h + decoder_pos
         for block in self.de_blocks:
-            h = self._run(block, h, c, input_skip, None, context, context_mask)
+            h = self.run_block(block, h, c, input_skip, None, context, context_mask)
         h = self.final_layer(h, c)
         return unpatchify(h, (gh, gw), self.patch_size, self.out_channels)
+
+
+ARCHITECTURE = ArchitectureInfo(
+    name="mdt",
+    cls=MDT,
+    sizes=MDT_SIZES,
+    published_size="XL/2",
+    published_conditioning={"learn_sigma": True},  # ImageNet labels; MDT predicts the variance (as DiT)
+    published_fid=1.58,
+    published_fid_source="MDTv2-XL/2, Gao et al. 2023",
+)

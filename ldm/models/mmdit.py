@@ -32,33 +32,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .conditioning import SEMANTIC_MODES, ControlEmbedder
-from .dit import FinalLayer
-from .layers import (
-    constructor_config,
-    Attention,
-    CaptionEmbedder,
-    GridPosEmbed,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    masked_mean,
-    modulate,
-    unpatchify,
-)
+from .base import ArchitectureInfo, PatchTransformer
+from .dit import DIT_SIZES
+from .layers import (Attention, CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, masked_mean, modulate, unpatchify,
+                     xavier_linears, zero_module)
 
-__all__ = ["MMDiT", "MMDIT_SIZES"]
+__all__ = ["MMDiT", "MMDIT_SIZES", "ARCHITECTURE"]
 
+# DiT's shapes (the paper's "mmDiT-XL/2" is DiT-XL/2's shape, see above) and the SD3 rule hidden = 64 d, heads = d
 MMDIT_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
+    **{name: dict(preset) for name, preset in DIT_SIZES.items()},
     "small": dict(hidden_size=384, depth=6, num_heads=6, patch_size=2),  # SD3 rule at d = 6
-    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
-    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
-    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
-    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
     "d18": dict(hidden_size=1152, depth=18, num_heads=18, patch_size=2),
     "d24": dict(hidden_size=1536, depth=24, num_heads=24, patch_size=2),
 }
@@ -70,6 +55,11 @@ class VectorEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden_size: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def initialize(self) -> None:
+        """N(0, 0.02) weights, as DiT's timestep MLP."""
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.mlp(v)
@@ -130,105 +120,47 @@ class JointBlock(nn.Module):
         return context, x
 
 
-class MMDiT(GridPosEmbed, nn.Module):
-    """MM-DiT on latents (B, C, H, W): text-conditional (``text_dim``) or class-conditional."""
+class MMDiT(PatchTransformer):
+    """MM-DiT on latents (B, C, H, W): text-conditional (``text_dim``) or class-conditional; constructor keywords
+    are ``PatchTransformer``'s (captions may feed adaLN too: ``semantic="adaln"`` with ``text_dim`` is SD3's own)."""
 
     arch = "mmdit"
+    name = "MMDiT"
+    default_semantic = "adaln"
+    text_needs_attention = False
 
-    def __init__(
-        self,
-        *,
-        latent_size: int = 32,
-        in_channels: int = 4,
-        num_classes: int = 1000,
-        text_dim: int | None = None,
-        semantic: str | None = None,
-        null_caption_tokens: int = 1,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        patch_size: int = 2,
-        mlp_ratio: float = 4.0,
-        learn_sigma: bool = True,
-        qk_norm: bool = False,
-        class_dropout_prob: float = 0.1,
-        control_mode: str | None = None,
-        control_exponents: dict[str, float] | None = None,
-        control_offsets: dict[str, float] | None = None,
-        control_dropout_prob: float = 0.1,
-        pos_embed_base: float | None = None,
-        gradient_checkpointing: bool = False,
-    ):
-        super().__init__()
-        if latent_size % patch_size:
-            raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
-        semantic = "adaln" if semantic is None else semantic
-        if semantic not in SEMANTIC_MODES:
-            raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
-        self.config = constructor_config(MMDiT, locals())
-        self.latent_size = latent_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.text_dim = text_dim
-        self.semantic = semantic
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.gradient_checkpointing = gradient_checkpointing
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+    def build_layers(self, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, null_caption_tokens: int):
+        hidden_size, text_dim = self.hidden_size, self.text_dim
         if text_dim is None:
             self.context_embedder = None
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+            self.y_embedder = LabelEmbedder(self.num_classes, hidden_size)
         else:
             self.context_embedder = CaptionEmbedder(text_dim, hidden_size, null_caption_tokens, projection="linear")
-            self.y_embedder = VectorEmbedder(text_dim, hidden_size) if semantic == "adaln" else None
-        self.control_embedder = (
-            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
-        )
+            self.y_embedder = VectorEmbedder(text_dim, hidden_size) if self.semantic == "adaln" else None
+        self.control_embedder = self.make_control_embedder(hidden_size)
         self.joint_blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.grid_size = latent_size // patch_size
-        self.register_buffer("pos_embed", self._pos_embed_for(self.grid_size, self.grid_size), persistent=False)
-        self.initialize_weights()
+        self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
 
     def initialize_weights(self) -> None:
         """DiT-style adaLN-Zero init (the SD3 reference ships none): xavier linears, N(0, .02) embedders, zero
         adaLN regressors in both streams and a zero final layer, so a fresh model outputs 0."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if isinstance(self.y_embedder, LabelEmbedder):
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        elif self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.y_embedder.mlp[2].weight, std=0.02)
+        xavier_linears(self)
+        self.x_embedder.initialize()
+        self.t_embedder.initialize()
+        if self.y_embedder is not None:
+            self.y_embedder.initialize()
         if self.control_embedder is not None:
             self.control_embedder.initialize()
         for block in self.joint_blocks:
             for stream in (block.context_block, block.x_block):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+                zero_module(stream.adaLN_modulation[-1])
+        self.final_layer.initialize()
 
-    def _condition(self, class_labels, text, text_mask, text_keep):
-        """-> (vector added to c or None, context tokens (B, L, D), context mask or None)."""
+    def semantic_inputs(self, class_labels, text, text_mask, text_keep):
+        """-> (vector added to c or None, context tokens (B, L, D), context mask or None): a class is one context
+        token (and, with adaln, also added to c); a caption's pooled vector is the masked mean of its states."""
         if self.context_embedder is None:
             if class_labels is None:
                 raise ValueError("this model is class-conditional (text_dim=None) and needs class_labels")
@@ -240,34 +172,10 @@ class MMDiT(GridPosEmbed, nn.Module):
         pooled = self.y_embedder(masked_mean(states, mask)) if self.y_embedder is not None else None
         return pooled, self.context_embedder.y_proj(states), mask
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
-        control_keep: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        text_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model contract's forward (see ``ldm.models``)."""
-        B = x.shape[0]
-        h, grid = self._embed_patches(x)
-        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        c = self.t_embedder(t)
-        y, context, mask = self._condition(class_labels, text, text_mask, text_keep)
-        if y is not None:
-            c = c + y
-        if control is not None:
-            if self.control_embedder is None:
-                raise ValueError("this MMDiT was built without control conditioning (control_mode=None), got control")
-            c = c + self.control_embedder(control, t, control_keep)
+    def denoise(self, x, t, c, context, mask) -> torch.Tensor:
+        h, grid = self.embed_patches(x)
         for block in self.joint_blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                context, h = checkpoint(block, context, h, c, mask, use_reentrant=False)
-            else:
-                context, h = block(context, h, c, mask)
+            context, h = self.run_block(block, context, h, c, mask)
         h = self.final_layer(h, c)
         return unpatchify(h, grid, self.patch_size, self.out_channels)
 
@@ -326,3 +234,14 @@ class MMDiT(GridPosEmbed, nn.Module):
                     added = theirs.replace("norm_", "norm_added_")
                     m[b + f"context_block.attn.{ours}.weight"] = sd[d + f"attn.{added}.weight"]
         return m
+
+
+#: SD3's conditioning: CLIP-L/G and T5 states projected to 4096-d, 77 + 256 = 333 tokens (SD3 paper, sec. 5);
+#: rectified flow, no variance head.
+ARCHITECTURE = ArchitectureInfo(
+    name="mmdit",
+    cls=MMDiT,
+    sizes=MMDIT_SIZES,
+    published_size="XL/2",
+    published_conditioning={"learn_sigma": False, "text_dim": 4096, "text_tokens": 333},
+)

@@ -29,32 +29,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .conditioning import ControlEmbedder, resolve_semantic, semantic_condition
-from .layers import (
-    constructor_config,
-    Attention,
-    CaptionEmbedder,
-    CrossAttention,
-    GridPosEmbed,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    unpatchify,
-)
+from .base import ArchitectureInfo, PatchTransformer
+from .dit import DIT_SIZES
+from .layers import Attention, CrossAttention, Mlp, unpatchify, xavier_linears, zero_module
 
-__all__ = ["PixArt", "PIXART_SIZES"]
+__all__ = ["PixArt", "PIXART_SIZES", "ARCHITECTURE"]
 
-PIXART_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
-    "small": dict(hidden_size=256, depth=6, num_heads=4, patch_size=2),
-    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
-    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
-    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
-    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
-}
+# the reference defines XL/2 only (DiT-XL/2's shape); the other sizes are DiT's too
+PIXART_SIZES: dict[str, dict[str, int]] = {name: dict(preset) for name, preset in DIT_SIZES.items()}
 
 
 def _t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -87,8 +70,8 @@ class PixArtBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """PixArt's ``T2IFinalLayer``: norm, (shift, scale) = table + c, linear to p*p*C per token."""
+class T2IFinalLayer(nn.Module):
+    """PixArt's final layer: norm, (shift, scale) = table + c, linear to p*p*C per token (no adaLN regressor)."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -101,130 +84,43 @@ class FinalLayer(nn.Module):
         return self.linear(_t2i_modulate(self.norm_final(x), shift, scale))
 
 
-class PixArt(GridPosEmbed, nn.Module):
-    """PixArt-α on latents (B, C, H, W): text-conditional (``text_dim``) or class-conditional."""
+class PixArt(PatchTransformer):
+    """PixArt-α on latents (B, C, H, W): text-conditional (``text_dim``) or class-conditional; constructor
+    keywords are ``PatchTransformer``'s."""
 
     arch = "pixart"
+    name = "PixArt"
+    default_semantic = "attention"
 
-    def __init__(
-        self,
-        *,
-        latent_size: int = 32,
-        in_channels: int = 4,
-        num_classes: int = 1000,
-        text_dim: int | None = None,
-        semantic: str | None = None,
-        null_caption_tokens: int = 1,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        patch_size: int = 2,
-        mlp_ratio: float = 4.0,
-        learn_sigma: bool = True,
-        qk_norm: bool = False,
-        class_dropout_prob: float = 0.1,
-        control_mode: str | None = None,
-        control_exponents: dict[str, float] | None = None,
-        control_offsets: dict[str, float] | None = None,
-        control_dropout_prob: float = 0.1,
-        pos_embed_base: float | None = None,
-        gradient_checkpointing: bool = False,
-    ):
-        super().__init__()
-        if latent_size % patch_size:
-            raise ValueError(f"latent_size {latent_size} is not divisible by patch_size {patch_size}")
-        semantic = resolve_semantic(semantic, "attention", text_dim, "PixArt")
-        self.config = constructor_config(PixArt, locals())
-        self.latent_size = latent_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.text_dim = text_dim
-        self.semantic = semantic
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.gradient_checkpointing = gradient_checkpointing
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+    def build_layers(self, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, null_caption_tokens: int):
+        hidden_size = self.hidden_size
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-        self.y_embedder = (
-            LabelEmbedder(num_classes, hidden_size)
-            if text_dim is None
-            else CaptionEmbedder(text_dim, hidden_size, null_caption_tokens)
-        )
-        self.control_embedder = (
-            ControlEmbedder(hidden_size, control_mode, control_exponents, control_offsets) if control_mode else None
-        )
-        cross = semantic == "attention"
-        self.blocks = nn.ModuleList(
-            PixArtBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth)
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.grid_size = latent_size // patch_size
-        self.register_buffer("pos_embed", self._pos_embed_for(self.grid_size, self.grid_size), persistent=False)
-        self.initialize_weights()
+        self.y_embedder = self.make_label_or_caption_embedder(hidden_size, null_caption_tokens)
+        self.control_embedder = self.make_control_embedder(hidden_size)
+        cross = self.semantic == "attention"
+        self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth))
+        self.final_layer = T2IFinalLayer(hidden_size, self.patch_size, self.out_channels)
 
     def initialize_weights(self) -> None:
         """PixArt's initialisation: xavier linears, N(0, .02) timestep MLP, t_block, caption MLP and label table,
         zero cross-attention output and final linear (a fresh model outputs 0 and ignores its condition)."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        xavier_linears(self)
+        self.x_embedder.initialize()
+        self.t_embedder.initialize()
         nn.init.normal_(self.t_block[1].weight, std=0.02)
-        if isinstance(self.y_embedder, LabelEmbedder):
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        else:
-            nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
-            nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        self.y_embedder.initialize()
         if self.control_embedder is not None:
             self.control_embedder.initialize()
         for block in self.blocks:
             if block.cross_attn is not None:
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+                zero_module(block.cross_attn.proj)
+        zero_module(self.final_layer.linear)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
-        control_keep: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        text_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model contract's forward (see ``ldm.models``)."""
-        B = x.shape[0]
-        h, grid = self._embed_patches(x)
-        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        c = self.t_embedder(t)
-        y, context, mask = semantic_condition(self.y_embedder, self.semantic, class_labels, text, text_mask, text_keep)
-        if y is not None:
-            c = c + y
-        if control is not None:
-            if self.control_embedder is None:
-                raise ValueError("this PixArt was built without control conditioning (control_mode=None), got control")
-            c = c + self.control_embedder(control, t, control_keep)
+    def denoise(self, x, t, c, context, mask) -> torch.Tensor:
+        h, grid = self.embed_patches(x)
         t0 = self.t_block(c)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, t0, context, mask, use_reentrant=False)
-            else:
-                h = block(h, t0, context, mask)
+            h = self.run_block(block, h, t0, context, mask)
         h = self.final_layer(h, c)
         return unpatchify(h, grid, self.patch_size, self.out_channels)
 
@@ -263,3 +159,13 @@ class PixArt(GridPosEmbed, nn.Module):
                 m[b + f"mlp.fc1.{suffix}"] = sd[d + f"ff.net.0.proj.{suffix}"]
                 m[b + f"mlp.fc2.{suffix}"] = sd[d + f"ff.net.2.{suffix}"]
         return m
+
+
+#: PixArt-α as published: T5-XXL caption states, 4096-d, 120 tokens (PixArt-α paper, sec. 3); learned variance.
+ARCHITECTURE = ArchitectureInfo(
+    name="pixart",
+    cls=PixArt,
+    sizes=PIXART_SIZES,
+    published_size="XL/2",
+    published_conditioning={"learn_sigma": True, "text_dim": 4096, "text_tokens": 120},
+)

@@ -31,12 +31,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .conditioning import ControlEmbedder
-from .layers import CaptionEmbedder, LabelEmbedder, constructor_config
+from .base import ArchitectureInfo, DiffusionModel
+from .conditioning import SEMANTIC_MODES  # noqa: F401  (importers of the old module-level name)
+from .layers import CaptionEmbedder, LabelEmbedder, zero_module
 
-__all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs"]
-
-SEMANTIC_MODES = ("adaln", "attention")
+__all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs", "ARCHITECTURE"]
 
 # LDM-4 (cin256-v2) at 64x64x3, 1000 classes: see the module docstring; "tiny"/"small" are ours for CPU runs.
 UNET_SIZES: dict[str, dict[str, Any]] = {
@@ -83,10 +82,13 @@ def backbone_kwargs(
     )
 
 
-class LDMUNet(nn.Module):
+class LDMUNet(DiffusionModel):
     """Our model contract around a diffusers UNet (``self.unet``); ``config`` rebuilds it."""
 
     arch = "unet"
+    name = "UNet"
+    default_semantic = "attention"
+    text_needs_attention = False  # adaLN gets the masked mean of the projected caption
 
     def __init__(
         self,
@@ -112,19 +114,10 @@ class LDMUNet(nn.Module):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        semantic = semantic or "attention"
-        if semantic not in SEMANTIC_MODES:
-            raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
+        self.setup(LDMUNet, locals())
         down = 2 ** (len(channel_mult) - 1)
         if latent_size % down:
             raise ValueError(f"latent_size {latent_size} is not divisible by the UNet's total downsampling {down}")
-        self.config = constructor_config(LDMUNet, locals())
-        self.latent_size = latent_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.text_dim = text_dim
-        self.semantic = semantic
         self.unet = UNet2DConditionModel(
             **backbone_kwargs(
                 in_channels, self.out_channels, model_channels, tuple(channel_mult), num_res_blocks,
@@ -133,17 +126,15 @@ class LDMUNet(nn.Module):
             class_embed_type="identity",
         )
         temb = self.unet.time_embedding.linear_2.out_features
-        sem_dim = context_dim if semantic == "attention" else temb
+        sem_dim = context_dim if self.semantic == "attention" else temb
         if text_dim is None:
             self.y_embedder = LabelEmbedder(num_classes, sem_dim)
         else:
             # linear caption projection + learned null caption for dropped captions (the shared embedder)
             self.text_embedder = CaptionEmbedder(text_dim, sem_dim, projection="linear")
-        if semantic == "adaln":
+        if self.semantic == "adaln":
             self.null_context = nn.Parameter(torch.zeros(1, 1, context_dim))
-        self.control_embedder = (
-            ControlEmbedder(temb, control_mode, control_exponents, control_offsets) if control_mode else None
-        )
+        self.control_embedder = self.make_control_embedder(temb)
         if qk_norm:
             for module in self.unet.modules():
                 if type(module).__name__ == "Attention":
@@ -158,11 +149,9 @@ class LDMUNet(nn.Module):
         ``nn.Embedding`` in LDM's ClassEmbedder; small random null caption/context tokens."""
         for name, module in self.unet.named_modules():
             if name == "conv_out" or name.endswith("proj_out") or (name.endswith("conv2") and ".resnets." in name):
-                nn.init.zeros_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                zero_module(module)
         if self.text_dim is None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=1.0)
+            self.y_embedder.initialize(std=1.0)
         else:
             nn.init.normal_(self.text_embedder.y_embedding, std=self.text_dim**-0.5)
         if self.semantic == "adaln":
@@ -170,52 +159,23 @@ class LDMUNet(nn.Module):
         if self.control_embedder is not None:
             self.control_embedder.initialize()
 
-    def _semantic(
-        self,
-        B: int,
-        class_labels: torch.Tensor | None,
-        text: torch.Tensor | None,
-        text_mask: torch.Tensor | None,
-        text_keep: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.text_dim is None:
-            if class_labels is None:
-                raise ValueError("class-conditional UNet needs class_labels (num_classes = the null class)")
-            return self.y_embedder(class_labels).unsqueeze(1), None
-        if text is None:
-            raise ValueError("text-conditional UNet needs text (B, L, text_dim)")
-        return self.text_embedder(text, text_mask, text_keep)
+    @property
+    def semantic_embedder(self) -> nn.Module:
+        return self.y_embedder if self.text_dim is None else self.text_embedder
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        control: torch.Tensor | None = None,
-        control_keep: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        text_keep: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """See the model contract in ``ldm.models``."""
-        B = x.shape[0]
-        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
-        tokens, token_mask = self._semantic(B, class_labels, text, text_mask, text_keep)
-        temb = self.unet.time_embedding.linear_2.out_features
-        extra = torch.zeros(B, temb, device=x.device, dtype=tokens.dtype)
-        if self.semantic == "attention":
-            context, context_mask = tokens, token_mask
-        else:
-            if token_mask is None:
-                extra = extra + tokens.mean(1)
-            else:
-                w = token_mask.to(tokens.dtype).unsqueeze(-1)
-                extra = extra + (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
-            context, context_mask = self.null_context.to(tokens.dtype).expand(B, -1, -1), None
-        if control is not None:
-            if self.control_embedder is None:
-                raise ValueError("this UNet was built without control conditioning (control_mode=None) but got control")
-            extra = extra + self.control_embedder(control, t, control_keep).to(extra.dtype)
+    def condition(self, t, class_labels, text, text_mask, text_keep):
+        """-> (extra time embedding: pooled semantics with semantic="adaln", else zeros; context tokens (the
+        learned constant token with "adaln"); their key mask)."""
+        y, context, mask = self.semantic_inputs(class_labels, text, text_mask, text_keep)
+        B = t.shape[0]
+        tokens = context if y is None else y
+        extra = torch.zeros(B, self.unet.time_embedding.linear_2.out_features, device=tokens.device, dtype=tokens.dtype)
+        if y is not None:
+            extra = extra + y
+            context = self.null_context.to(tokens.dtype).expand(B, -1, -1)
+        return extra, context, mask
+
+    def denoise(self, x, t, extra, context, context_mask) -> torch.Tensor:
         return self.unet(
             x,
             t,
@@ -224,3 +184,14 @@ class LDMUNet(nn.Module):
             encoder_attention_mask=None if context_mask is None else context_mask.to(x.dtype),
             return_dict=False,
         )[0]
+
+
+ARCHITECTURE = ArchitectureInfo(
+    name="unet",
+    cls=LDMUNet,
+    sizes=UNET_SIZES,
+    published_size="LDM-4",
+    published_conditioning={"learn_sigma": False},  # ImageNet labels; LDM has no variance head
+    published_fid=3.60,
+    published_fid_source="LDM-4-G, Rombach et al. 2022",
+)
