@@ -64,10 +64,9 @@ def _mse_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_training(model: torch.nn.Module) -> bool:
-    """MDT: the model masks tokens (config mask_ratio > 0) and is training; looks through DDP/FSDP wrappers."""
-    inner = getattr(model, "module", model)
-    config = getattr(inner, "config", None) or {}
-    return model.training and float(config.get("mask_ratio", 0) or 0) > 0
+    """MDT: the model masks tokens (`DiffusionModel.masks_tokens`) and is training; looks through DDP/FSDP."""
+    inner = getattr(model, "module", model)  # the wrapped model under DDP/FSDP
+    return model.training and inner.masks_tokens
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:

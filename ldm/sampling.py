@@ -160,7 +160,7 @@ def _sample_batch(model, objective, cond, noise, gens, steps, g_sem, g_ctrl, sam
             v = predict(x, t * objective.time_scale, float(ts[i]))
             x = x + float(ts[i + 1] - ts[i]) * v[:, : x.shape[1]]
         return x
-    learn_sigma = getattr(model, "out_channels", noise.shape[1]) == 2 * noise.shape[1]
+    learn_sigma = model.learns_sigma
     scheduler = _ddpm_scheduler(objective, sampler, learn_sigma)
     scheduler.set_timesteps(steps, device=dev)
     x = noise * scheduler.init_noise_sigma

@@ -31,14 +31,6 @@ CLAIMS = {
     "8": "Architecture ranking under one protocol can differ from the ranking of their own papers",
 }
 
-#: Numbers published by each architecture's own paper (ImageNet 256 px FID-50k with guidance), from
-#: PAPER.md; the paper under study re-trained them under one protocol and its own numbers are not public.
-PUBLISHED_FID = {
-    "dit": (2.27, "DiT-XL/2, Peebles & Xie 2023 (512 px: 3.04)"),
-    "mdt": (1.58, "MDTv2-XL/2, Gao et al. 2023"),
-    "unet": (3.60, "LDM-4-G, Rombach et al. 2022"),
-    "improved": (None, "2411.03177: 2.76 at ImageNet 512 px (summary site, unverified)"),
-}
 
 
 def _better_sign(metric: str) -> int:
@@ -92,13 +84,18 @@ def architecture_section(study: dict, by_ref: dict, metrics: list[str], config: 
         px = config["resolutions"][config["stages"][stage]["resolution"]]
         header += [f"{m} ({stage}, {px} px)" for m in metrics]
     header += ["own paper's ImageNet-256 FID (not this setting)"]
+    # Numbers published by each architecture's own paper (ImageNet 256 px FID-50k with guidance) live in its
+    # model file (`ldm.models` registry); imported here only, since the models pull in torch and diffusers.
+    from .models import published_fid
+
+    published = published_fid()
     rows = []
     for recipe in spec["recipes"]:
         rcfg = config["recipes"][recipe]
         row = [recipe, rcfg["arch"], rcfg["size"]]
         for stage in spec["stages"]:
             row += [_fmt(_stat(by_ref.get(f"{recipe}/{stage}"), m)) for m in metrics]
-        value, source = PUBLISHED_FID.get(rcfg["arch"], (None, ""))
+        value, source = published.get(rcfg["arch"], (None, ""))
         row.append(f"{value} ({source})" if value is not None else (source or "—"))
         rows.append(row)
     return _table(header, rows)

@@ -63,7 +63,7 @@ def transfer_state(
     if low_config.get("arch") != high_config.get("arch"):
         raise ValueError(f"cannot transfer arch {low_config.get('arch')!r} into {high_config.get('arch')!r}")
 
-    if hasattr(high_model, "set_pos_embed_base"):
+    if high_model.has_pos_embed:
         low_grid = _grid(low_config)
         low_base = low_config.get("pos_embed_base")
         low_range = float(low_grid if low_base is None else low_base)
@@ -78,8 +78,7 @@ def transfer_state(
 
     target = high_model.state_dict()
     source = {k: v for k, v in low_res_state.items() if k not in _RECOMPUTED}
-    if hasattr(high_model, "adapt_low_res_state"):
-        source = high_model.adapt_low_res_state(source, low_config)
+    source = high_model.adapt_low_res_state(source, low_config)  # resamples grid-shaped tables (mDT); else as is
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
     if semantic == "swap":

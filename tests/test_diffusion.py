@@ -35,6 +35,8 @@ def random_dit(seed=0, **kw):
 class Recorder(nn.Module):
     """Wraps a function of (x, t) as a model and records its inputs."""
 
+    masks_tokens = learns_sigma = False  # the capability flags of the model base (ldm.models.base)
+
     def __init__(self, fn, num_classes=10):
         super().__init__()
         self.fn, self.num_classes, self.calls = fn, num_classes, []
@@ -284,6 +286,8 @@ def test_vlb_term_at_t0_is_the_discretized_decoder_nll():
 
 def test_vlb_trains_only_the_sigma_head_and_mse_only_the_eps_head():
     class Heads(nn.Module):
+        masks_tokens = False
+
         def __init__(self):
             super().__init__()
             self.eps = nn.Parameter(torch.full((1, 4, 1, 1), 0.3))
@@ -315,6 +319,10 @@ class MaskedRecorder(nn.Module):
         self.config = {"mask_ratio": mask_ratio}
         self.calls = []
         self.w = nn.Parameter(torch.ones(()))
+
+    @property
+    def masks_tokens(self):  # as mDT's: a positive mask ratio
+        return self.config["mask_ratio"] > 0
 
     def forward(self, x, t, class_labels=None, mask_generator=None):
         self.calls.append((x.clone(), mask_generator))

@@ -55,6 +55,8 @@ def test_batch_sizes_7_and_32_give_identical_bits(objective, sampler, kw):
 class Counter(nn.Module):
     """Model stub: output depends on (x, label, control_keep, text_keep) row by row; records call sizes."""
 
+    learns_sigma = masks_tokens = False  # the capability flags of the model base (ldm.models.base)
+
     def __init__(self, num_classes=10):
         super().__init__()
         self.num_classes, self.calls = num_classes, []

@@ -247,7 +247,7 @@ class Trainer:
         idx, self.order = _next_batch(self.order, self.data_state, self.batch_size, self.count, self.generators["data"])
         x0, kwargs = training_inputs(self.recipe, self.data.gather(idx), noise_gen, self.num_classes,
                                      self.dataset.scaling_factor, self.dataset.shift_factor,
-                                     uses_control=bool(self.model_config.get("control_mode")))
+                                     uses_control=self.raw_model.takes_control)
         t_all, noise_all = self.objective.draw(tuple(x0.shape), noise_gen)
         device = acc.device
         lr = lr_at(step, self.base_lr, tcfg["warmup"], tcfg["lr_schedule"], self.stage.steps,
@@ -301,7 +301,7 @@ class Trainer:
     def fit(self) -> Path:
         model, self.ema, opt_state, start = self._initial_state()
         self.model_config = dict(model.config)  # after transfer: sampling must rebuild the same pos-emb
-        if self.objective.kind == "flow" and self.model_config.get("learn_sigma"):
+        if self.objective.kind == "flow" and model.learns_sigma:
             raise ConfigError(f"run {self.run.run_id}: learn_sigma needs the ddpm objective (rectified flow has no "
                               "sigma loss)")
         optimizer = adamw(model, self.base_lr, self.tcfg, self.fsdp)
@@ -309,7 +309,7 @@ class Trainer:
         self.raw_model = self.accelerator.unwrap_model(self.model)
         if opt_state is not None:
             load_optimizer_state(self.model, self.optimizer, opt_state, self.fsdp)
-        self.masked = float(self.model_config.get("mask_ratio", 0) or 0) > 0
+        self.masked = self.raw_model.masks_tokens
         total = self.stage.steps
         targets = snapshot_steps(total, self.tcfg["snapshots"], with_zero=self.init_path is not None)
         every = self.tcfg["checkpoint_every"]
