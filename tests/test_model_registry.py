@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # shapes, captured from the model code before the registry refactor (tiny/small: latent 8, 4 channels,
 # 10 classes; published sizes: latent 32, 4 channels, 1000 classes)
 REFERENCE = [json.loads(line) for line in (ROOT / "tests" / "model_registry_reference.jsonl").read_text().splitlines()]
+REFERENCE_ARCHS = {r["arch"] for r in REFERENCE}
 
 
 def _layout_digest(model: torch.nn.Module) -> str:
@@ -42,7 +43,8 @@ def test_schema_arch_enum_is_the_registry():
 
 
 def test_registry_entries_are_the_architecture_files_own():
-    assert list(REGISTRY) == ["dit", "pixart", "mmdit", "improved", "mdt", "unet"]  # order of `ldm models`
+    # order of `ldm models` for the architectures the reference was taken with (a new one may go anywhere)
+    assert [a for a in REGISTRY if a in REFERENCE_ARCHS] == ["dit", "pixart", "mmdit", "improved", "mdt", "unet"]
     for name, info in REGISTRY.items():
         assert isinstance(info, ArchitectureInfo) and info.name == name
         assert issubclass(info.cls, DiffusionModel) and info.cls.arch == name
@@ -66,8 +68,10 @@ def test_published_fid_as_the_study_reports_it():
 
 
 def test_reference_covers_every_arch_and_size():
+    """Every size of every architecture the reference was taken with (before the refactor) is compared."""
     covered = {(r["arch"], r["size"]) for r in REFERENCE if r["options"] == {}}
-    assert covered == {(arch, size) for arch, info in REGISTRY.items() for size in info.sizes}
+    assert REFERENCE_ARCHS <= set(REGISTRY)
+    assert covered == {(arch, size) for arch in REFERENCE_ARCHS for size in REGISTRY[arch].sizes}
 
 
 @pytest.mark.parametrize("record", REFERENCE, ids=lambda r: f"{r['arch']}-{r['size']}-{json.dumps(r['options'])}")

@@ -102,13 +102,23 @@ def plot_curves(records: list[dict], path: Path) -> None:
             mean = [p[metric] for p in rec["curve"]]
             std = [p[f"{metric}_std"] for p in rec["curve"]]  # 0 where a snapshot had one seed
             ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=rec["run_id"])
-        if metric == "cond_accuracy":
-            ax.axhline(records[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
-        ax.set_xlabel("training steps of the run's own stage")
-        ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("metric vs. training step (first sampling seed; final point: mean ± std over all seeds)")
+        _finish_axes(ax, metric, records[0]["chance_accuracy"], "training steps of the run's own stage")
+    _save_figure(fig, "metric vs. training step (first sampling seed; final point: mean ± std over all seeds)", path)
+
+
+def _finish_axes(ax, metric: str, chance: float, xlabel: str) -> None:
+    """Labels with the metric's direction, chance level on accuracy axes, grid and legend."""
+    if metric == "cond_accuracy":
+        ax.axhline(chance, color="gray", linestyle=":", label="chance")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save_figure(fig, title: str, path: Path) -> None:
+    """Title, layout and an atomic PNG write without the matplotlib version in its metadata (stable bytes)."""
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
@@ -130,19 +140,8 @@ def plot_guidance_sweeps(records: list[dict], path: Path) -> bool:
             chosen = sweep["scales"].index(sweep["chosen_scale"])
             ax.plot([sweep["chosen_scale"]], [sweep[metric][chosen]], marker="*", markersize=14,
                     color=line.get_color())
-        if metric == "cond_accuracy":
-            ax.axhline(swept[0]["chance_accuracy"], color="gray", linestyle=":", label="chance")
-        ax.set_xlabel("semantic guidance scale")
-        ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("guidance sweep (final weights, first sampling seed; star: chosen = lowest fd_evaluator)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    tmp.replace(path)
+        _finish_axes(ax, metric, swept[0]["chance_accuracy"], "semantic guidance scale")
+    _save_figure(fig, "guidance sweep (final weights, first sampling seed; star: chosen = lowest fd_evaluator)", path)
     return True
 
 
