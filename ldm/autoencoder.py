@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.errors import MissingWeightsError  # noqa: F401 - raised here, re-exported for callers
+from ldm.errors import MissingWeightsError
 from ldm.provenance import atomic_replace_dir, file_sha256
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

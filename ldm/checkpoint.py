@@ -86,13 +86,27 @@ def set_global_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def snapshot_tmp(directory: Path, step: int) -> Path:
+    """Where a snapshot is assembled before its atomic rename (ranks may write their RNG files into it)."""
+    return directory / f".tmp-step-{step:07d}"
+
+
+def _rank_rng_file(snapshot: Path, rank: int) -> Path:
+    return snapshot / f"rng-rank{rank}.json"
+
+
+def write_rank_rng(tmp: Path, rank: int) -> None:
+    """This rank's global RNG states into a snapshot being assembled (every rank calls it)."""
+    atomic_write_json(_rank_rng_file(tmp, rank), global_rng_state())
+
+
 def save_snapshot(directory: Path, step: int, model_state: dict, ema, optimizer_state: dict, generators: dict,
                   data_state: dict, model_config: dict, resume_key: str, extra: dict | None = None,
                   tmp: Path | None = None) -> Path:
     """Write one snapshot atomically (into `tmp`, then renamed). `tmp` may already hold per-rank files."""
     final = directory / f"step-{step:07d}"
     if tmp is None:
-        tmp = directory / f".tmp-step-{step:07d}"
+        tmp = snapshot_tmp(directory, step)
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     meta = {"model_config": json.dumps(model_config), "step": str(step)}
@@ -147,7 +161,7 @@ def load_snapshot(path: Path, rank: int) -> dict:
     """Everything a resumed run needs from a snapshot: its JSON state, model/EMA/optimizer tensors, the
     named generators' states and this rank's global RNG state (None if the snapshot has none for it)."""
     state = json.loads((path / "state.json").read_text())
-    rank_rng = path / f"rng-rank{rank}.json"
+    rank_rng = _rank_rng_file(path, rank)
     return {
         "state": state,
         "model": load_file(str(path / "model.safetensors")),

@@ -13,6 +13,19 @@ from pathlib import Path
 PREPARED_REPORT = "report.json"
 #: A latent cache's manifest (written last: its presence means the cache is complete).
 CACHE_MANIFEST = "manifest.json"
+#: A run's samples index (written last by `ldm sample`).
+SAMPLES_INDEX = "index.json"
+
+
+def data_key(resolution: int | str, crop: str = "center") -> str:
+    """Folder name of prepared data and latent caches: `r64` (center crop), `r64-random`."""
+    return f"r{resolution}" if crop == "center" else f"r{resolution}-{crop}"
+
+
+def parse_data_key(key: str) -> tuple[int, str]:
+    """Inverse of `data_key`: `r64` -> (64, "center"), `r64-random` -> (64, "random")."""
+    px, _, crop = key[1:].partition("-")
+    return int(px), crop or "center"
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ class RunPaths:
 
     @property
     def samples_index(self) -> Path:
-        return self.samples / "index.json"
+        return self.samples / SAMPLES_INDEX
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ class Layout:
     @property
     def vae(self) -> str:
         """The autoencoder: a pretrained path or hub id, else the tiny VAE this scenario trains."""
-        return self.pretrained_vae or str(self.workdir / "vae")
+        return self.pretrained_vae or str(self.trained_vae)
 
     @property
     def trained_vae(self) -> Path:
@@ -113,7 +126,7 @@ class Layout:
 
     def reference(self, resolution: int | str) -> Path:
         """Evaluator-feature statistics of the prepared real images at one resolution."""
-        return self.workdir / "reference" / self.dataset / f"r{resolution}.npz"
+        return self.workdir / "reference" / self.dataset / f"{data_key(resolution)}.npz"
 
     def run(self, run_id: str) -> RunPaths:
         return RunPaths(self.workdir / "runs" / run_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-INDEX = "index.json"
+from .layout import SAMPLES_INDEX as INDEX
 
 
 def save_set(path: Path, tensors: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .layout import data_key
 from .provenance import digest
 
 #: Samplers a config may choose, per objective (the schema's enums are checked against this table).
@@ -93,20 +94,10 @@ class Run:
     crop: str = "center"
 
     @property
-    def res_name(self) -> str:
-        return f"r{self.resolution}"
-
-    @property
     def data_key(self) -> str:
         """Directory of the run's prepared data and latent cache: one per resolution and crop policy
         (`r64`, `r64-random`), so stages at one resolution may crop differently."""
-        return self.res_name if self.crop == "center" else f"{self.res_name}-{self.crop}"
-
-
-def parse_data_key(key: str) -> tuple[int, str]:
-    """Inverse of `Run.data_key`: `r64` -> (64, "center"), `r64-random` -> (64, "random")."""
-    px, _, crop = key[1:].partition("-")
-    return int(px), crop or "center"
+        return data_key(self.resolution, self.crop)
 
 
 def expand_runs(config: dict) -> list[Run]:
@@ -125,7 +116,7 @@ def expand_runs(config: dict) -> list[Run]:
                 init_px = config["resolutions"][config["stages"][init]["resolution"]]
                 init_run = f"{recipe}.{dataset}.{init}.{init_px}"
             runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run,
-                            spec.get("init_checkpoint"), spec.get("crop", "center")))
+                            spec.get("init_checkpoint"), spec["crop"]))
     return runs
 
 
@@ -164,8 +155,7 @@ def sampler_for(config: dict, recipe: str) -> str:
         return section["sampler"]
     sampler = config["sampling"]["sampler"]
     if isinstance(sampler, dict):
-        default = "euler" if section["objective"] == "rectified_flow" else "ddim"
-        return sampler.get(section["objective"], default)
+        return sampler.get(section["objective"], SAMPLERS[section["objective"]][0])
     return sampler
 
 

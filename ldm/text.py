@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ldm.autoencoder import MissingWeightsError
+from ldm.errors import MissingWeightsError
 
 PAD_MODES = ("zero", "zero_mask", "replicate", "noisy_replicate")
 

@@ -10,7 +10,8 @@ import yaml
 
 from ldm.config import ConfigError, load_config, merge, validate
 from ldm.provenance import digest
-from ldm.spec import Scenario, expand_runs, parse_data_key
+from ldm.layout import parse_data_key
+from ldm.spec import Scenario, expand_runs
 
 
 def run_section(config: dict, run_id: str) -> dict:
@@ -208,3 +209,15 @@ def test_schema_sampler_enums_are_the_spec_table():
     every = sorted({s for names in SAMPLERS.values() for s in names})
     assert sorted(recipe_enum) == every and sorted(by_name["enum"]) == every
     assert {k: tuple(v["enum"]) for k, v in per_objective["properties"].items()} == SAMPLERS
+
+
+def test_spec_objects_have_exactly_the_schema_fields():
+    """`spec.Recipe`/`spec.Stage` are built from validated sections: a key the schema adds must be a field."""
+    import dataclasses
+
+    from ldm.spec import Recipe, Stage
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    for cls, section in ((Recipe, "recipes"), (Stage, "stages")):
+        keys = set(schema["properties"][section]["additionalProperties"]["properties"])
+        assert {f.name for f in dataclasses.fields(cls)} - {"name"} == keys, cls.__name__

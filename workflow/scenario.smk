@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ldm.config import ConfigError, job_resources, launcher, validate
 from ldm.provenance import digest
-from ldm.spec import Scenario, parse_data_key
+from ldm.layout import data_key, parse_data_key
+from ldm.spec import Scenario
 
 try:
     SCENARIO = Scenario(validate(config, source=config.get("name", "config")))

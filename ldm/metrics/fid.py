@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from cleanfid import fid as cleanfid_fid
 
-from ldm.metrics.evaluator import Evaluator, cond_accuracy, resize_to_input  # noqa: F401 (cond_accuracy re-exported)
-from ldm.errors import MissingWeightsError  # noqa: F401 - raised here, re-exported for callers
+from ldm.errors import MissingWeightsError
+from ldm.metrics.evaluator import Evaluator, resize_to_input
 from ldm.provenance import atomic_write_bytes
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # cleanfid/downloads_helper.py: check_download_inception

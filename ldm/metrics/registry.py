@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["PR_K", "Need", "ImageSet", "ProtocolInputs", "MetricSpec", "METRICS", "UnknownMetricError", "metric",
            "lower_is_better", "better_sign", "direction_word", "selectable_names", "curve_metrics",
            "report_order", "protocol_texts", "compute_metrics"]
@@ -191,7 +193,7 @@ def _check(metrics: dict[str, MetricSpec]) -> None:
 _check(METRICS)
 
 
-class UnknownMetricError(LookupError):
+class UnknownMetricError(UserError, LookupError):
     """A metric name the registry does not know (a typo, or a metric added without its registry entry)."""
 
 

@@ -12,7 +12,7 @@ The contract every architecture keeps (the training loop, samplers and transfer 
   transformers also take ``pos_embed_base``.
 - ``forward(x, t, class_labels=None, control=None, control_keep=None, text=None, text_mask=None,
   text_keep=None)``: ``x`` (B, C, H, W) latents; ``t`` (B,) float model time 0..999 (999 = pure noise);
-  ``class_labels`` (B,) long with ``num_classes`` = dropped (null); ``control`` (B, 6) raw pixels
+  ``class_labels`` (B,) long with ``num_classes`` = dropped (null); ``control`` (B, CONTROL_WIDTH) raw pixels
   (``ldm.control.CONTROL_FIELDS``) or None, ``control_keep`` (B,) 0/1; ``text`` (B, L, text_dim) caption
   token states already padded by ``text.pad_tokens``, ``text_mask`` (B, L) bool (True = attend) or None,
   ``text_keep`` (B,) 0/1 where 0 swaps in the model's learned null caption. A model is class-conditional
@@ -35,13 +35,6 @@ from torch import nn
 
 from . import dit, improved, mdt, mmdit, pixart, unet
 from .base import ArchitectureInfo, DiffusionModel
-# the classes and size tables stay importable from here, as before the registry
-from .dit import DIT_SIZES, DiT  # noqa: F401
-from .improved import IMPROVED_SIZES, ImprovedDiT  # noqa: F401
-from .mdt import MDT, MDT_SIZES  # noqa: F401
-from .mmdit import MMDIT_SIZES, MMDiT  # noqa: F401
-from .pixart import PIXART_SIZES, PixArt  # noqa: F401
-from .unet import UNET_SIZES, LDMUNet  # noqa: F401
 
 __all__ = ["build_model", "model_from_config", "ARCHITECTURES", "REGISTRY", "ArchitectureInfo", "DiffusionModel",
            "architecture", "published_fid"]

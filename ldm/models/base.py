@@ -170,7 +170,7 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         """The model contract's forward (``ldm.models``): x (B, C, H, W), t (B,) or a scalar, float 0..999;
         class_labels (B,) with num_classes = null, or text (B, L, text_dim) + text_mask/text_keep; control
-        (B, 6) raw pixels or None (= dropped), control_keep (B,) 0/1. ``backbone`` keywords go to ``denoise``
+        (B, CONTROL_WIDTH) raw pixels (``ldm.control``) or None (= dropped), control_keep (B,) 0/1. ``backbone`` keywords go to ``denoise``
         (mDT's ``mask_generator``). Returns (B, C or 2C, H, W)."""
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         c, context, mask = self.condition(t, class_labels, text, text_mask, text_keep)

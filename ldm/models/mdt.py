@@ -26,7 +26,7 @@ MDT's) and ``config["mask_ratio_jitter"]`` (default 0.2: MDT draws the batch's r
 ``int(N * (1 - ratio))`` random tokens per sample, drawn from ``g`` only (never the global RNG);
 without a generator the full sequence is used (sampling). MDT trains with ``loss_full + loss_masked``:
 the objective adds a second pass with ``mask_generator=generator`` whenever
-``model.config.get("mask_ratio", 0) > 0``, both losses over all output tokens (as ``train_util.py``).
+``model.masks_tokens`` (``mask_ratio > 0``), both losses over all output tokens (as ``train_util.py``).
 
 Differences from the reference, on purpose: null class row always present and dropout done by the caller;
 optional control metadata (``conditioning.ControlEmbedder`` added to c), QK-norm, text conditioning, and

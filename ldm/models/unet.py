@@ -32,7 +32,6 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .base import ArchitectureInfo, DiffusionModel
-from .conditioning import SEMANTIC_MODES  # noqa: F401  (importers of the old module-level name)
 from .layers import CaptionEmbedder, LabelEmbedder, zero_module
 
 __all__ = ["UNET_SIZES", "LDMUNet", "backbone_kwargs", "ARCHITECTURE"]

@@ -1,13 +1,7 @@
 """`ldm encode`: prepared images -> latent cache (VAE posteriors of each crop and its mirror, caption states).
 
-Format (docs/formats.md, read by `ldm.data.latent_cache`): `shard-NNNNN.safetensors` with the VAE posterior of each crop and of its
-horizontal mirror (mean/std, fp16), label, control (orig/crop box), text token states (fp16) and
-lengths, plus `manifest.json` (counts, per-shard sha256, VAE identity, scaling/shift factors, latent
-shape, crop policy, text encoder, classes).
-
-Why posterior moments and not latents: a sample z = mean + std * eps and the flip are drawn at training
-time (`sample_latents`), so each epoch sees fresh VAE noise and both orientations, as when encoding
-on the fly, at cache cost of 4 tensors instead of one.
+The cache's format and why it holds posterior moments rather than latents: `ldm.data.latent_cache` (its
+reader) and docs/formats.md.
 
 Resumability: output shard k always holds prepared rows [k*shard_size, (k+1)*shard_size) and is
 encoded in fixed batches within that shard, so re-encoding one shard reproduces its bytes exactly.
@@ -33,8 +27,8 @@ import torch
 
 from ldm.autoencoder import downsample_factor, load_vae, vae_identity
 from ldm.control import CONTROL_FIELDS
-from ldm.data.prepared import PreparedRows
 from ldm.data.latent_cache import FORMAT, MANIFEST, MOMENTS, shard_name
+from ldm.data.prepared import PreparedRows
 from ldm.layout import PREPARED_REPORT
 from ldm.provenance import atomic_write_json, file_sha256
 
@@ -244,7 +238,7 @@ def _rank_world(args) -> tuple[int, int]:
 def run(args) -> None:
     text = None if args.text_encoder in (None, "none", "null") else args.text_encoder
     rank, world = _rank_world(args)
-    if not 0 <= rank < world:  # a launch mistake, not a bug: one line and exit code 2 like other user errors
+    if not 0 <= rank < world:  # a launch mistake: one line and exit code 2, raised before any work is set up
         print(f"ldm encode: error: rank {rank} not in [0, world size {world})", file=sys.stderr)
         raise SystemExit(2)
     device = args.device

@@ -24,12 +24,13 @@ from torchvision.utils import make_grid
 
 from ..checkpoint import load_final
 from ..config import load_scenario
-from ..data.prepared import load_prepared
 from ..data.latent_cache import LatentDataset
+from ..data.prepared import load_prepared
+from ..layout import data_key
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
 from ..metrics.evaluator import load_evaluator
-from ..metrics.fid import PROTOCOLS, cond_accuracy, feature_statistics, frechet_distance, load_stats
+from ..metrics.fid import load_stats
 from ..metrics.registry import ImageSet, Need, compute_metrics, metric, protocol_texts
 from ..models.inventory import run_cost
 from ..provenance import atomic_write_json, code_version, digest, file_sha256
@@ -56,7 +57,7 @@ class _Context:
     @property
     def real(self) -> np.ndarray:
         if self._real is None:
-            self._real, _ = load_prepared(self.scenario.layout.prepared(f"r{self.resolution}"))
+            self._real, _ = load_prepared(self.scenario.layout.prepared(data_key(self.resolution)))
         return self._real
 
     @property
@@ -88,8 +89,10 @@ def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
     for scale in spec["scales"]:
         pick = data["scales"] == scale
         feats, pred = ctx.evaluator.features_and_predictions(data["images"][pick])
-        fd.append(frechet_distance(*feature_statistics(feats), *ctx.ref_stats))
-        acc.append(float(cond_accuracy(pred, {"class": data["labels"][pick]})["class"]))
+        values = compute_metrics(ctx, ImageSet(data["images"][pick], data["labels"][pick], feats, pred),
+                                 ["fd_evaluator", "cond_accuracy"])
+        fd.append(values["fd_evaluator"])
+        acc.append(values["cond_accuracy"])
     best = int(np.argmin(fd))
     return {"scales": spec["scales"], "fd_evaluator": fd, "cond_accuracy": acc, "chosen_scale": spec["scales"][best],
             "criterion": "lowest fd_evaluator", "seed": spec["seed"], "step": spec["step"]}
@@ -180,7 +183,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         "sample_grid": str(grid_path),
         "model": _model_cost(scenario, run, index),
     }
-    if any(name in wanted for name in PROTOCOLS.values()):
+    if any(Need.INCEPTION in metric(name).needs for name in wanted):
         record["fid_reference"] = fid_reference(scenario, run.resolution)
     out = layout.metrics(run_id)
     atomic_write_json(out, record)
@@ -202,7 +205,7 @@ def fid_reference(scenario: Scenario, resolution: int) -> dict:
     """What the Inception metrics compared with: a statistics file (by path and sha256) or the prepared images."""
     path = scenario.config["evaluation"]["reference_stats"]
     if not path:
-        return {"source": "prepared images", "dir": str(scenario.layout.prepared(f"r{resolution}"))}
+        return {"source": "prepared images", "dir": str(scenario.layout.prepared(data_key(resolution)))}
     _, _, meta = load_stats(path)
     return {"source": "statistics file", "file": str(path), "sha256": file_sha256(Path(path)), **meta}
 

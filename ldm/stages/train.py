@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from ..checkpoint import (
     export_final,
-    global_rng_state,
     latest_snapshot,
     load_final,
     load_snapshot,
@@ -33,13 +32,15 @@ from ..checkpoint import (
     set_global_rng_state,
     snapshot_key,
     snapshot_steps,
+    snapshot_tmp,
+    write_rank_rng,
 )
 from ..config import load_scenario
 from ..errors import ConfigError, NonFiniteLossError
 from ..data.latent_cache import LatentDataset
 from ..models import model_from_config
 from ..optim import adamw, ema_decay_at, load_optimizer_state, lr_at, optimizer_state, update_ema
-from ..provenance import atomic_write_json, digest
+from ..provenance import digest
 from ..recipe import build_run_model, build_run_objective, training_inputs
 from ..spec import Run, Scenario
 from ..transfer import transfer_state
@@ -221,12 +222,12 @@ class Trainer:
         acc, paths = self.accelerator, self.paths
         directory = paths.checkpoints if evaluated else paths.resume
         model_state, opt_state = self.full_state(), optimizer_state(self.model, self.optimizer, self.fsdp)
-        tmp = directory / f".tmp-step-{step:07d}"
+        tmp = snapshot_tmp(directory, step)
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        atomic_write_json(tmp / f"rng-rank{self.rank}.json", global_rng_state())
+        write_rank_rng(tmp, self.rank)
         acc.wait_for_everyone()
         if self.main:
             save_snapshot(directory, step, model_state, self.ema, opt_state, self.generators,

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import load_scenario
 from ..data.prepared import load_prepared, read_report
+from ..layout import data_key
 from ..metrics.evaluator import train_evaluator
 
 
@@ -31,7 +32,7 @@ def evaluator_targets(meta, classes: list[str]) -> tuple[dict, dict]:
 def run(args) -> None:
     scenario = load_scenario(args.config)
     config = scenario.config
-    prepared = scenario.layout.prepared(f"r{config['resolutions']['high']}")
+    prepared = scenario.layout.prepared(data_key(config["resolutions"]["high"]))
     images, meta = load_prepared(prepared)
     labels, vocab = evaluator_targets(meta, read_report(prepared)["classes"])
     ecfg = config["evaluator"]

@@ -1,7 +1,7 @@
 # Data: raw images -> prepared crops per resolution -> autoencoder -> latent cache per resolution.
 
 def prepared(res):
-    return str(L.prepared_report(f"r{res}"))
+    return str(L.prepared_report(data_key(res)))
 
 
 rule synthesize:

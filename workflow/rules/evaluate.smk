@@ -38,7 +38,7 @@ rule reference_stats:
     log:
         str(L.log("reference_stats.r{res}.log")),
     shell:
-        f"{LDM} reference-stats --prepared {L.prepared('r{wildcards.res}')} --evaluator {L.evaluator}"
+        f"{LDM} reference-stats --prepared {L.prepared(data_key('{wildcards.res}'))} --evaluator {L.evaluator}"
         f" --out {{output}} --threads {{threads}} > {{log}} 2>&1"
 
 
