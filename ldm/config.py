@@ -7,7 +7,10 @@ stages the validated config as an `ldm.spec.Scenario` (the grid expanded once in
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import jsonschema
@@ -193,7 +196,7 @@ def study_scenarios(config: dict, source: str = "config") -> dict[str, dict] | N
             out[name] = validate(spec, source=where)
         else:
             raise ConfigError(f"{where}: must be a config mapping or a path to one")
-    for key in ("workdir", "results"):
+    for key in ("name", "workdir", "results"):  # a name keys the environment variable of its stored config
         seen: dict[str, str] = {}
         for name, cfg in out.items():
             if cfg[key] in seen:
@@ -214,6 +217,32 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return validate(raw, source=str(path))
+
+
+#: Where a Snakemake run keeps the validated configs its jobs read: inside Snakemake's own state folder (a dry
+#: run writes nothing elsewhere), one file per content, written once and never rewritten, so a second
+#: `snakemake` on the same workdir (a dry run, another config) cannot change what running jobs read.
+RESOLVED_CONFIGS = Path(".snakemake") / "ldm-configs"
+
+
+def store_resolved(config: dict, root: Path = RESOLVED_CONFIGS) -> Path:
+    """Write the validated `config` as `<root>/<sha256 of its JSON>.json` unless that file exists; its path.
+    Keys keep the YAML's order: run lists, tables and plots follow the order the config gives."""
+    text = json.dumps(config, indent=2)
+    path = Path(root) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
+def resolved_config_variable(name: str) -> str:
+    """The environment variable through which the jobs of scenario `name` find its stored config. Jobs get the
+    path from the environment, not from their command text or params: Snakemake reruns a job when either
+    changes, and each rule already carries a hash of exactly the config slice it depends on."""
+    return "LDM_CONFIG_" + re.sub(r"[^A-Za-z0-9]", "_", name)
 
 
 def load_scenario(path: str | Path) -> Scenario:

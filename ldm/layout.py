@@ -75,11 +75,6 @@ class Layout:
 
     # --- work: data, models, runs ---------------------------------------------------------------------
     @property
-    def config_json(self) -> Path:
-        """The validated config every job of a Snakemake run reads."""
-        return self.workdir / "config.json"
-
-    @property
     def synthetic(self) -> Path:
         """The synthetic source's folder (`dataset.json`, `folders/` class tree, caption shards)."""
         return self.workdir / "raw" / "synthetic"

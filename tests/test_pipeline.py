@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,86 @@ def test_rerun_has_nothing_to_do(smoke_run):
 def test_deleting_a_checkpoint_reruns_only_downstream_jobs(smoke_run):
     (smoke_run / "work" / "smoke" / "runs" / RUNS[0] / "final.safetensors").unlink()
     assert planned_jobs(smoke_run) == {"train": 2, "sample": 2, "evaluate": 2, "report": 1, "all": 1}
+
+
+def _files(root: Path) -> dict[str, float]:
+    """Every file under `root` outside Snakemake's state folder, with its modification time."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and ".snakemake" not in p.relative_to(root).parts}
+
+
+def _smoke_variant(tmp_path: Path, name: str, **changes) -> Path:
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _snakemake_config(workdir: Path, configfile: Path, *args: str, wait: bool = True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def test_a_dry_run_writes_nothing_outside_snakemake_state(smoke_run, tmp_path):
+    other = _smoke_variant(tmp_path, "other", training__lr=0.05)
+    before = _files(smoke_run)
+    out = _snakemake_config(smoke_run, other, "-n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _files(smoke_run) == before
+
+
+def test_a_dry_run_with_another_config_does_not_change_a_running_pipeline(smoke_run, tmp_path):
+    """Config A trains pre-training then transfer; while its pre-training runs, `snakemake -n` with config B
+    (another lr) on the same workdir. A's transfer weights must equal those of A run alone."""
+    from ldm.checkpoint import weights_digest
+
+    a = _smoke_variant(tmp_path, "a", stages__pretrain={"resolution": "low", "steps": 1500})
+    b = _smoke_variant(tmp_path, "b", stages__pretrain={"resolution": "low", "steps": 1500}, training__lr=0.05)
+    work = smoke_run / "work" / "smoke"
+    target = f"work/smoke/runs/{RUNS[1]}/final.safetensors"
+    pretrain_log = work / "logs" / "train" / f"{RUNS[0]}.log"
+    started = pretrain_log.stat().st_mtime_ns if pretrain_log.exists() else 0
+    running = _snakemake_config(smoke_run, a, target, wait=False)
+    deadline = time.monotonic() + 120
+    while not (pretrain_log.exists() and pretrain_log.stat().st_mtime_ns > started):
+        assert running.poll() is None and time.monotonic() < deadline, "A's pre-training never started"
+        time.sleep(0.2)
+    dry = _snakemake_config(smoke_run, b, target, "-n")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert running.poll() is None, "A finished before the dry run did: raise its pre-training steps"
+    _, err = running.communicate(timeout=600)
+    assert running.returncode == 0, err[-3000:]
+    beside_dry_run = weights_digest(work / "runs" / RUNS[1] / "final.safetensors")
+
+    import shutil
+
+    shutil.rmtree(work / "runs" / RUNS[1])
+    alone = _snakemake_config(smoke_run, a, target)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert weights_digest(work / "runs" / RUNS[1] / "final.safetensors") == beside_dry_run
+
+
+def test_workdir_with_a_space_and_a_command_substitution_is_a_path(tmp_path):
+    """Paths are quoted in every rule's shell command: `$(...)` in a workdir is never run."""
+    weird = "w s$(touch PWNED)"
+    config = _smoke_variant(tmp_path, "weird", dataset__synthetic={"num_images": 24, "corrupt": 0})
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw.update(workdir=weird, results=f"{weird}/results")
+    config.write_text(yaml.safe_dump(raw))
+    project = tmp_path / "project"
+    project.mkdir()
+    out = _snakemake_config(project, config, f"{weird}/prepared/synthetic/r16/report.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((project / weird / "prepared" / "synthetic" / "r16" / "report.json").read_text())["kept"] == 24
+    assert not list(tmp_path.rglob("PWNED")) and not (project / "w").exists()

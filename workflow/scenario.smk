@@ -2,11 +2,13 @@
 # metrics -> report. Included by the root Snakefile for a single scenario, or loaded once per scenario as a
 # Snakemake module for a study of several (config with `scenarios:`), with its rules prefixed by its name.
 # Every path comes from `ldm.layout` (the same methods the stages write to), every hash from `ldm.spec`.
-import json
+import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
-from ldm.config import ConfigError, job_resources, launcher, validate
+from ldm.config import ConfigError, job_resources, launcher, resolved_config_variable, store_resolved, validate
 from ldm.provenance import digest
 from ldm.layout import data_key, parse_data_key
 from ldm.spec import Scenario
@@ -19,18 +21,31 @@ except ConfigError as exc:
 CFG = SCENARIO.config
 L = SCENARIO.layout
 RUNS = SCENARIO.runs
-LDM = f"{sys.executable} -m ldm.cli"
+# Paths go into shell commands quoted when they need it (a workdir with a space or `$(...)` is a path, not
+# code); a shell-safe path, and so the command text Snakemake compares to decide reruns, stays as it was.
+# `{...}` are Snakemake's placeholders, formatted before the shell sees the command.
+_SHELL_SAFE = re.compile(r"[\w@%+=:,./{}-]+")
 
-# Every job reads the validated config from one JSON file; it is rewritten only when its content changes,
-# and each rule's `params` carry a hash of exactly the config slice it depends on, so editing one
-# recipe reruns that recipe's jobs and nothing else.
-# Keys keep the YAML's order (no sort_keys): run lists, tables and plots follow the order the config gives,
-# whether a job reads this file or `ldm report --config` (DVC's report stage) reads the YAML.
-CONFIG_JSON = L.config_json
-_text = json.dumps(CFG, indent=2)
-if not CONFIG_JSON.exists() or CONFIG_JSON.read_text() != _text:
-    CONFIG_JSON.parent.mkdir(parents=True, exist_ok=True)
-    CONFIG_JSON.write_text(_text)
+
+def q(path):
+    text = str(path)
+    return text if _SHELL_SAFE.fullmatch(text) else shlex.quote(text)
+
+
+_SAFE_DIRS = all(_SHELL_SAFE.fullmatch(str(p)) for p in (L.workdir, L.results))
+LOG = "{log}" if _SAFE_DIRS else "{log:q}"
+OUTPUT = "{output}" if _SAFE_DIRS else "{output:q}"
+LDM = f"{q(sys.executable)} -m ldm.cli"
+
+# Every job reads the validated config from a file named by its content (`ldm.config.store_resolved`, under
+# .snakemake/): never rewritten, so two configs on one workdir can never mix, and a dry run writes nothing
+# outside .snakemake/. Jobs find it through an environment variable (inherited by local jobs; a SLURM job
+# re-parses this file on its node and sets it there), so the rule text and params stay the same across
+# config edits: each rule's `params` carry a hash of exactly the config slice it depends on, and editing
+# one recipe reruns that recipe's jobs and nothing else.
+CONFIG_VARIABLE = resolved_config_variable(CFG["name"])
+os.environ[CONFIG_VARIABLE] = str(store_resolved(CFG).resolve())
+CONFIG_JSON = f'"${CONFIG_VARIABLE}"'  # in a rule's shell command: the path, expanded by the job's shell
 
 
 def slurm_resources(rule, run=None):

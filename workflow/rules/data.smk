@@ -14,8 +14,8 @@ rule synthesize:
     log:
         str(L.log("synthesize.log")),
     shell:
-        f"{LDM} synthesize --out {L.synthetic} --num-images {{params.n}} --corrupt {{params.corrupt}}"
-        f" --seed {CFG['seed']} > {{log}} 2>&1"
+        f"{LDM} synthesize --out {q(L.synthetic)} --num-images {{params.n}} --corrupt {{params.corrupt}}"
+        f" --seed {CFG['seed']} > {LOG} 2>&1"
 
 
 def data_params(key):
@@ -42,8 +42,8 @@ rule prepare:
     log:
         str(L.log("prepare.{data}.log")),
     shell:
-        f"{LDM} prepare {{params.source:q}} --out {L.prepared('{wildcards.data}')}"
-        f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {{log}} 2>&1"
+        f"{LDM} prepare {{params.source:q}} --out {q(L.prepared('{wildcards.data}'))}"
+        f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {LOG} 2>&1"
 
 
 if not CFG["autoencoder"]["pretrained"]:
@@ -61,7 +61,7 @@ if not CFG["autoencoder"]["pretrained"]:
         log:
             str(L.log("train_vae.log")),
         shell:
-            f"{LDM} train-vae --config {CONFIG_JSON} --out {L.trained_vae} --threads {{threads}} > {{log}} 2>&1"
+            f"{LDM} train-vae --config {CONFIG_JSON} --out {q(L.trained_vae)} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule encode:
@@ -80,6 +80,6 @@ rule encode:
     log:
         str(L.log("encode.{data}.log")),
     shell:
-        f"{LDM} encode --prepared {L.prepared('{wildcards.data}')} --vae {{params.vae:q}}"
-        f" --out {L.latents('{wildcards.data}')} --text-encoder {{params.text:q}}"
-        f" --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} encode --prepared {q(L.prepared('{wildcards.data}'))} --vae {{params.vae:q}}"
+        f" --out {q(L.latents('{wildcards.data}'))} --text-encoder {{params.text:q}}"
+        f" --threads {{threads}} > {LOG} 2>&1"

@@ -21,7 +21,7 @@ rule train_evaluator:
     log:
         str(L.log("train_evaluator.log")),
     shell:
-        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {L.evaluator} --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {q(L.evaluator)} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule reference_stats:
@@ -38,8 +38,8 @@ rule reference_stats:
     log:
         str(L.log("reference_stats.r{res}.log")),
     shell:
-        f"{LDM} reference-stats --prepared {L.prepared(data_key('{wildcards.res}'))} --evaluator {L.evaluator}"
-        f" --out {{output}} --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} reference-stats --prepared {q(L.prepared(data_key('{wildcards.res}')))} --evaluator {q(L.evaluator)}"
+        f" --out {OUTPUT} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule sample:
@@ -56,7 +56,7 @@ rule sample:
     log:
         str(L.log("sample/{run}.log")),
     shell:
-        f"{LDM} sample --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} sample --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule evaluate:
@@ -76,4 +76,4 @@ rule evaluate:
     log:
         str(L.log("evaluate/{run}.log")),
     shell:
-        f"{LDM} evaluate --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {{log}} 2>&1"
+        f"{LDM} evaluate --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"

@@ -17,7 +17,7 @@ rule train:
         str(L.run("{run}").final),
     params:
         h=lambda w: digest(SCENARIO.run_section(RUNS[w.run])),
-        launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage), sys.executable),
+        launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage), q(sys.executable)),
     threads: CFG["threads"]
     resources:
         runtime=run_resources("runtime"),
@@ -31,4 +31,4 @@ rule train:
     shell:
         # one process, or torchrun (multi-GPU) / srun + torchrun (multi-node) per the stage's resources
         f"{{params.launch}} -m ldm.cli train --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}}"
-        f" > {{log}} 2>&1"
+        f" > {LOG} 2>&1"
