@@ -3,8 +3,9 @@
 Two kinds, one format (safetensors + a JSON state): evaluated snapshots (`RunPaths.checkpoints`, at
 `snapshot_steps`, sampled and scored downstream, never pruned) and resume checkpoints (`RunPaths.resume`,
 every `checkpoint_every` steps and on preemption, only the last `keep_last` kept). A restart resumes from
-the latest of either. Everything is written into a temporary directory and renamed, so a killed job
-never leaves a half-written snapshot; nothing is pickled.
+the latest good snapshot of either. Everything is written into a temporary directory and renamed, so a killed
+job never leaves a half-written snapshot; nothing is pickled. Nothing is deleted on resume either: a corrupt
+snapshot is quarantined, snapshots of another trajectory are moved to `superseded/`.
 """
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .provenance import atomic_replace_dir, atomic_write_json, digest
+from .provenance import atomic_replace_dir, atomic_write_bytes, atomic_write_json, digest, file_sha256
+
+#: `training` keys that decide when snapshots are written and kept and how many non-finite steps are
+#: tolerated, never which weights come out: outside the resume key, so changing them resumes the run.
+OPERATIONAL_TRAINING = ("max_nonfinite_skips", "checkpoint_every", "keep_last", "snapshots")
+#: The tensor files of every snapshot (loaded to verify snapshots that predate recorded checksums).
+SNAPSHOT_TENSORS = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def snapshot_steps(total: int, count: int, with_zero: bool) -> list[int]:
@@ -102,8 +110,10 @@ def write_rank_rng(tmp: Path, rank: int) -> None:
 
 def save_snapshot(directory: Path, step: int, model_state: dict, ema, optimizer_state: dict, generators: dict,
                   data_state: dict, model_config: dict, resume_key: str, extra: dict | None = None,
-                  tmp: Path | None = None) -> Path:
-    """Write one snapshot atomically (into `tmp`, then renamed). `tmp` may already hold per-rank files."""
+                  tmp: Path | None = None, resume_section: dict | None = None) -> Path:
+    """Write one snapshot atomically (into `tmp`, then renamed). `tmp` may already hold per-rank files.
+    state.json records the sha256 of every other file (checked before resuming) and the key's section
+    (so a changed key can be explained)."""
     final = directory / f"step-{step:07d}"
     if tmp is None:
         tmp = snapshot_tmp(directory, step)
@@ -115,8 +125,10 @@ def save_snapshot(directory: Path, step: int, model_state: dict, ema, optimizer_
     opt_tensors, opt_extra = _flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({f"rng.{k}": g.get_state() for k, g in generators.items()}, str(tmp / "rng.safetensors"))
+    files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "state.json"}
     atomic_write_json(tmp / "state.json", {"step": step, "data": data_state, "optimizer": opt_extra,
-                                          "model_config": model_config, "resume_key": resume_key, **(extra or {})})
+                                          "model_config": model_config, "resume_key": resume_key,
+                                          "resume_section": resume_section, "files": files, **(extra or {})})
     atomic_replace_dir(tmp, final)
     return final
 
@@ -127,7 +139,9 @@ def snapshot_step(path: Path) -> int:
 
 
 def list_snapshots(directory: Path) -> list[Path]:
-    return sorted((p for p in directory.glob("step-*") if (p / "state.json").exists()), key=snapshot_step)
+    """Complete snapshots (state.json present; not parsed here) of `directory`, oldest first."""
+    return sorted((p for p in directory.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").exists()),
+                  key=snapshot_step)
 
 
 def latest_snapshot(*directories: Path) -> Path | None:
@@ -144,17 +158,154 @@ def prune_snapshots(directory: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _trajectory(section: dict, top: bool = True) -> dict:
+    """A run section less what cannot change its weights: the operational `training` keys (down the init
+    chain too, as `training` is shared by all stages) and, for this run only, `stage.steps` (raising it
+    continues a finished run). `grad_accum` stays, although it is designed to give the same draws."""
+    out = {**section, "training": {k: v for k, v in section["training"].items() if k not in OPERATIONAL_TRAINING}}
+    if top:
+        out["stage"] = {k: v for k, v in section["stage"].items() if k != "steps"}
+    if "init" in section:
+        out["init"] = _trajectory(section["init"], top=False)
+    return out
+
+
+def resume_section(run_section: dict, init_digest: str | None) -> dict:
+    """What the resume key hashes (stored in each snapshot): the run's trajectory settings, init weights."""
+    return json.loads(json.dumps({**_trajectory(run_section), "init_weights": init_digest}, default=str))
+
+
 def resume_key(run_section: dict, init_path: Path | None) -> str:
-    """Snapshots are resumed only if they were made by this run definition and init weights; the step
-    budget is left out so that raising `steps` continues a finished run instead of restarting it."""
-    section = dict(run_section)
-    section["stage"] = {k: v for k, v in section["stage"].items() if k != "steps"}
-    return digest([section, weights_digest(init_path) if init_path else None])
+    """Snapshots are resumed only if they were made on this weight trajectory: same settings, same init."""
+    return digest(resume_section(run_section, weights_digest(init_path) if init_path else None))
+
+
+def legacy_resume_key(run_section: dict, init_digest: str | None) -> str:
+    """The key of snapshots written before operational keys were left out (still resumed when equal)."""
+    section = {**run_section, "stage": {k: v for k, v in run_section["stage"].items() if k != "steps"}}
+    return digest([section, init_digest])
+
+
+def resume_keys(run_section: dict, init_path: Path | None) -> tuple[dict, str, str]:
+    """(resume section, resume key, legacy key) of a run, hashing the init weights once."""
+    init_digest = weights_digest(init_path) if init_path else None
+    section = resume_section(run_section, init_digest)
+    return section, digest(section), legacy_resume_key(run_section, init_digest)
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def snapshot_key(path: Path) -> str | None:
-    """The resume key a snapshot was written with."""
-    return json.loads((path / "state.json").read_text()).get("resume_key")
+    """The resume key a snapshot was written with (None if its state.json is unreadable)."""
+    return (_read_state(path) or {}).get("resume_key")
+
+
+def verify_snapshot(path: Path) -> str | None:
+    """What is wrong with a snapshot, or None: state.json must parse and every file it records must match
+    its sha256; snapshots without recorded checksums must at least have loadable tensor files."""
+    state = _read_state(path)
+    if state is None:
+        return "state.json is empty or unreadable"
+    if state.get("files") is None:
+        for name in SNAPSHOT_TENSORS:
+            try:
+                load_file(str(path / name))
+            except (OSError, SafetensorError) as err:
+                return f"{name} does not load ({err})"
+        return None
+    for name, sha in state["files"].items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if file_sha256(path / name) != sha:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _aside(path: Path) -> Path:
+    """`path` itself if free, else `path` with the first free numeric suffix (nothing is overwritten)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+_ABSENT = object()
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict) and obj:
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def section_changes(old: dict, new: dict, limit: int = 8) -> str:
+    """The dotted keys that differ between two resume sections, `key: old -> new`."""
+    a, b = _flat(old), _flat(new)
+    show = lambda d, k: json.dumps(d[k], default=str) if k in d else "(absent)"  # noqa: E731
+    changes = [f"{k}: {show(a, k)} -> {show(b, k)}" for k in sorted(a.keys() | b.keys())
+               if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    more = f", and {len(changes) - limit} more" if len(changes) > limit else ""
+    return ", ".join(changes[:limit]) + more
+
+
+def choose_snapshot(paths, section: dict, legacy_key: str, log) -> Path | None:
+    """The snapshot to resume `paths` (a `RunPaths`) from; only the main process calls this, then a barrier.
+
+    The newest snapshot is verified: a bad one is renamed `.corrupt-step-NNNNNNN` and the next older one
+    tried. A good one made on another trajectory (its key is neither this key nor the legacy key) sends
+    checkpoints/, resume/, the log and the final weights to `superseded/<UTC time>-<old key>/`. Afterwards
+    `latest_snapshot` returns the choice on every rank, and the log ends at its step."""
+    chosen = _choose(paths, section, legacy_key, log)
+    _trim_log(paths.log, snapshot_step(chosen) if chosen else 0)
+    return chosen
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop `log.jsonl` records after `step` (the resumed run redoes them) and torn lines, atomically."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = [line for line in lines if _record_step(line) <= step]
+    if keep != lines:
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+def _record_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line torn by a kill
+
+
+def _choose(paths, section: dict, legacy_key: str, log) -> Path | None:
+    key = digest(section)
+    while (latest := latest_snapshot(paths.checkpoints, paths.resume)) is not None:
+        problem = verify_snapshot(latest)
+        if problem is None:
+            break
+        quarantine = _aside(latest.with_name(f".corrupt-{latest.name}"))
+        latest.rename(quarantine)
+        log(f"snapshot {latest} is corrupt ({problem}); quarantined as {quarantine.name}, trying the next older one")
+    if latest is None:
+        return None
+    state = _read_state(latest)
+    if state.get("resume_key") in (key, legacy_key):
+        return latest
+    old = state.get("resume_section")
+    why = (section_changes(old, section) if old else "") or "snapshots from an older format or another init"
+    dest = _aside(paths.dir / "superseded" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-"
+                                             f"{str(state.get('resume_key'))[:8]}")
+    dest.mkdir(parents=True)
+    for path in (paths.checkpoints, paths.resume, paths.log, paths.final):
+        if path.exists():
+            path.rename(dest / path.name)
+    log(f"snapshots in {paths.dir} come from another trajectory ({why}); moved to {dest}; starting over")
+    return None
 
 
 def load_snapshot(path: Path, rank: int) -> dict:

@@ -22,15 +22,15 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from ..checkpoint import (
+    choose_snapshot,
     export_final,
     latest_snapshot,
     load_final,
     load_snapshot,
     prune_snapshots,
-    resume_key,
+    resume_keys,
     save_snapshot,
     set_global_rng_state,
-    snapshot_key,
     snapshot_steps,
     snapshot_tmp,
     write_rank_rng,
@@ -143,7 +143,7 @@ class Trainer:
         self.data_state = {"epoch": 0, "position": 0}
         self.nonfinite_skips = 0
         self.init_path = self._init_path()
-        self.resume_key = resume_key(scenario.run_section(run), self.init_path)
+        self.key_section, self.resume_key, self.legacy_key = resume_keys(scenario.run_section(run), self.init_path)
 
     def _open_data(self) -> None:
         """The run's latent cache, memory-mapped: a batch reads its own rows, whatever the cache's size."""
@@ -169,18 +169,14 @@ class Trainer:
 
     # --- initialisation or resume --------------------------------------------------------------------
     def _resume_point(self) -> Path | None:
-        """The latest snapshot of this run definition; snapshots of another config or init are deleted."""
-        paths, acc = self.paths, self.accelerator
-        resume = latest_snapshot(paths.checkpoints, paths.resume)
-        if resume is not None and snapshot_key(resume) != self.resume_key:
-            self.log(f"{self.run.run_id}: snapshots in {paths.dir} come from another config or init; starting over")
-            acc.wait_for_everyone()
-            if self.main:
-                shutil.rmtree(paths.checkpoints, ignore_errors=True)
-                shutil.rmtree(paths.resume, ignore_errors=True)
-            acc.wait_for_everyone()
-            resume = None
-        return resume
+        """The latest good snapshot of this trajectory (`checkpoint.choose_snapshot`). Only the main process
+        verifies, quarantines, moves aside and trims the log; after the barrier every rank sees the same
+        latest snapshot."""
+        if self.main:
+            log = lambda message: self.log(f"{self.run.run_id}: {message}")  # noqa: E731
+            choose_snapshot(self.paths, self.key_section, self.legacy_key, log)
+        self.accelerator.wait_for_everyone()
+        return latest_snapshot(self.paths.checkpoints, self.paths.resume)
 
     def _initial_state(self):
         """(model, EMA, optimizer state or None, first step): from the latest snapshot, else fresh."""
@@ -232,7 +228,8 @@ class Trainer:
         if self.main:
             save_snapshot(directory, step, model_state, self.ema, opt_state, self.generators,
                           {**self.data_state, "order": self.order.tolist()}, self.model_config, self.resume_key,
-                          extra={"nonfinite_skips": self.nonfinite_skips, "world_size": self.world}, tmp=tmp)
+                          extra={"nonfinite_skips": self.nonfinite_skips, "world_size": self.world}, tmp=tmp,
+                          resume_section=self.key_section)
             if not evaluated:
                 prune_snapshots(paths.resume, self.tcfg["keep_last"])
         acc.wait_for_everyone()
