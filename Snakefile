@@ -6,7 +6,7 @@
 # Every config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
 import yaml
 
-from ldm.config import ConfigError, merge, study_scenarios
+from ldm.config import ConfigError, merge, study_scenarios, validate
 from ldm.layout import Layout
 from ldm.spec import expand_runs
 
@@ -30,6 +30,19 @@ def _targets(cfg, kind):
     layout = Layout.of(cfg)
     done = [layout.summary] if kind == "all" else [layout.metrics(r) for r in runs]
     return [str(p) for p in done + [layout.run(r).final for r in runs]]
+
+
+onstart:
+    # What only the model code can check (sizes, options, patch grid: ldm.preflight), once per run, before
+    # the first job; too slow for every DAG build (it imports the models), which validates the config alone.
+    from ldm.preflight import check_models
+    from ldm.spec import Scenario
+
+    for _cfg in (SCENARIOS or {"": config}).values():
+        try:
+            check_models(Scenario(_cfg if SCENARIOS else validate(_cfg, SOURCE)))
+        except ConfigError as exc:
+            raise WorkflowError(f"{SOURCE}: {exc}") from None
 
 
 if SCENARIOS is None:

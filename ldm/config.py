@@ -115,10 +115,22 @@ def validate(config: dict, source: str = "config") -> dict:
     res = full["resolutions"]
     if res["low"] > res["high"]:
         raise ConfigError(f"{source}: resolutions.low: {res['low']} is above resolutions.high {res['high']}")
+    _check_batch_split(full, source)
     errors = sorted(validator.iter_errors(full), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     return full
+
+
+def _check_batch_split(config: dict, source: str) -> None:
+    """Each stage's global batch must split evenly over its processes (GPUs x nodes) and micro-batches."""
+    batch, accum = config["training"]["batch_size"], config["training"]["grad_accum"]
+    for name in config["stages"]:
+        res = job_resources(config, "train", name)
+        world = max(int(res.get("gpus", 0)), 1) * int(res.get("nodes", 1))
+        if batch % (world * accum):
+            raise ConfigError(f"{source}: training.batch_size: {batch} is not divisible by stage {name}'s {world} "
+                              f"process(es) x training.grad_accum {accum}")
 
 
 def _study_refs(study: dict):
@@ -210,13 +222,24 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    return validate(read_yaml(path), source=str(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's mapping; a syntax error is one line naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return validate(raw, source=str(path))
+    return raw
 
 
 #: Where a Snakemake run keeps the validated configs its jobs read: inside Snakemake's own state folder (a dry

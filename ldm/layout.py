@@ -103,7 +103,8 @@ class Layout:
 
     @property
     def trained_vae(self) -> Path:
-        return self.workdir / "vae"
+        """The tiny VAE trained on this scenario's dataset (keyed by it: datasets sharing a workdir keep theirs)."""
+        return self.workdir / "vae" / self.dataset
 
     @property
     def trained_vae_config(self) -> Path:
@@ -112,7 +113,8 @@ class Layout:
 
     @property
     def evaluator(self) -> Path:
-        return self.workdir / "evaluator"
+        """The offline evaluator trained on this scenario's dataset (keyed by it, like the VAE)."""
+        return self.workdir / "evaluator" / self.dataset
 
     @property
     def evaluator_config(self) -> Path:

@@ -221,3 +221,77 @@ def test_spec_objects_have_exactly_the_schema_fields():
     for cls, section in ((Recipe, "recipes"), (Stage, "stages")):
         keys = set(schema["properties"][section]["additionalProperties"]["properties"])
         assert {f.name for f in dataclasses.fields(cls)} - {"name"} == keys, cls.__name__
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"recipes": {"dit": {"arch": "dit", "size": "huge"}}}, "recipes.dit.size: 'huge' is not a size of dit"),
+    ({"recipes": {"dit": {"arch": "dit", "size": "tiny", "options": {"no_such": 1}}}}, "unknown option(s) ['no_such']"),
+    ({"resolutions": {"low": 24, "high": 32},
+      "recipes": {"dit": {"arch": "dit", "size": "tiny", "options": {"patch_size": 4}}}},
+     "latent 6 x 6): latent_size 6 is not divisible by patch_size 4"),
+])
+def test_preflight_builds_every_model_before_any_compute(change, message):
+    """What only the model code knows fails `ldm validate-config` / Snakemake's onstart, naming the field."""
+    from ldm.preflight import check_models
+
+    raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    raw.update(change)
+    with pytest.raises(ConfigError) as info:
+        check_models(Scenario(validate(raw)))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batch_that_does_not_split_over_processes_and_micro_batches_fails_validation():
+    raw = default_raw()
+    raw["training"]["grad_accum"] = 3
+    with pytest.raises(ConfigError, match="training.batch_size: 32 is not divisible by stage pretrain's 1 process"):
+        validate(raw)
+    raw["training"]["grad_accum"] = 1
+    raw["stages"]["transfer"]["resources"] = {"gpus": 3}
+    with pytest.raises(ConfigError, match="stage transfer's 3 process"):
+        validate(raw)
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    from ldm.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrecipes: {a: [\n")
+    assert main(["validate-config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}:3:1: not valid YAML" in err
+
+
+def test_snakemake_stops_before_the_first_job_on_a_recipe_the_models_reject(tmp_path):
+    raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    raw["recipes"]["dit"]["size"] = "huge"
+    config = tmp_path / "huge.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path), "--configfile", str(config), "--cores", "1"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode != 0 and "recipes.dit.size: 'huge' is not a size of dit" in out.stderr + out.stdout
+    assert not (tmp_path / "work").exists()  # nothing prepared, trained or encoded
+
+
+def test_init_config_gives_the_dataset_its_own_name_workdir_and_results(tmp_path, capsys):
+    from ldm.cli import main
+    from ldm.layout import Layout
+
+    (tmp_path / "raw" / "cat").mkdir(parents=True)
+    out = tmp_path / "mine.yaml"
+    args = ["init-config", "--source", str(tmp_path / "raw"), "--name", "mine", "--out", str(out),
+            "--template", str(REPO / "config" / "default.yaml")]
+    assert main(args) == 0
+    config = load_config(out)
+    default = load_config(REPO / "config" / "default.yaml")
+    assert (config["name"], config["workdir"], config["results"]) == ("mine", "work/mine", "results/mine")
+    assert config["dataset"] == {**default["dataset"], "name": "mine", "source": str(tmp_path / "raw"),
+                                 "synthetic": config["dataset"]["synthetic"]}
+    assert config["recipes"] == default["recipes"] and config["stages"] == default["stages"]
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err  # never overwritten
+    assert main(["init-config", "--source", str(tmp_path / "nope"), "--name", "x", "--out", str(tmp_path / "x.yaml")]) == 2
+    # datasets sharing a workdir keep their own VAE and evaluator
+    other = {**config, "dataset": {**config["dataset"], "name": "other"}}
+    assert Layout.of(config).trained_vae != Layout.of(other).trained_vae
+    assert Layout.of(config).evaluator != Layout.of(other).evaluator

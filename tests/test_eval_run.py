@@ -86,9 +86,9 @@ def scenario(tmp_path, monkeypatch):
     # real images, an evaluator trained for 2 steps on them, and their reference statistics
     rng = np.random.default_rng(0)
     real = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    train_evaluator(real, {"class": np.arange(40) % 4}, {"class": CLASSES}, work / "evaluator", steps=2,
+    train_evaluator(real, {"class": np.arange(40) % 4}, {"class": CLASSES}, Layout.of(config).evaluator, steps=2,
                     batch_size=8, seed=0, input_size=32, width=8, feature_dim=8)
-    evaluator = load_evaluator(work / "evaluator")
+    evaluator = load_evaluator(Layout.of(config).evaluator)
     feats = evaluator.features(real)
     save_stats(Layout.of(config).reference(32), feats.mean(0), np.cov(feats, rowvar=False),
                {"evaluator_weights_sha256": evaluator.config["weights_sha256"], "count": 40})

@@ -1,23 +1,19 @@
-"""`ldm validate-config`: check a scenario or study config against the schema and list its runs."""
+"""`ldm validate-config`: check a scenario or study config and list its runs, before anything is computed:
+the schema and cross-field rules (`ldm.config`), then every run's model built on the meta device
+(`ldm.preflight`: sizes, options, patch grid)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
-
-from ..config import load_config, study_scenarios
-from ..errors import ConfigError
-from ..spec import expand_runs
+from ..config import read_yaml, study_scenarios, validate
+from ..preflight import check_models
+from ..spec import Scenario
 
 
 def run(args) -> None:
-    path = Path(args.config)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text())
-    is_study = isinstance(raw, dict) and "scenarios" in raw  # config/paper.yaml: several scenarios
-    scenarios = study_scenarios(raw, source=str(path)) if is_study else {"": load_config(path)}
+    raw = read_yaml(args.config)
+    is_study = "scenarios" in raw  # config/paper.yaml: several scenarios
+    scenarios = study_scenarios(raw, source=str(args.config)) if is_study else {"": validate(raw, str(args.config))}
     for name, config in scenarios.items():
-        runs = [r.run_id for r in expand_runs(config)]
+        scenario = Scenario(config)
+        check_models(scenario)
         label = f"{args.config}" + (f" scenario {name}" if name else "")
-        print(f"{label}: ok ({len(runs)} runs: " + ", ".join(runs) + ")")
+        print(f"{label}: ok ({len(scenario.runs)} runs: " + ", ".join(scenario.runs) + ")")
