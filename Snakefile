@@ -6,7 +6,7 @@
 # Every config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
 import yaml
 
-from ldm.config import ConfigError, merge, study_scenarios, validate
+from ldm.config import ConfigError, merge, study_scenarios, typed_overrides, validate
 from ldm.layout import Layout
 from ldm.spec import expand_runs
 
@@ -16,6 +16,8 @@ if "name" not in config and "scenarios" not in config:
     _overrides = dict(config)
     config.clear()
     config.update(merge(yaml.safe_load(open(workflow.source_path("config/default.yaml"))), _overrides))
+
+config.update(merge(config, typed_overrides(workflow.config_settings.overwrite_config or {})))
 
 SOURCE = ", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or [])) or "config/default.yaml"
 try:

@@ -62,6 +62,20 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+def typed_overrides(overrides: dict) -> dict:
+    """`snakemake --config training='{"lr": 0.01}'`: Snakemake reads a nested value with YAML's BaseLoader, so
+    every scalar inside it is a string ('0.01'); read those again as a config file's YAML would be read.
+    Top-level values are left as Snakemake typed them."""
+    def retype(value):
+        if isinstance(value, dict):
+            return {k: retype(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [retype(v) for v in value]
+        return yaml.safe_load(value) if isinstance(value, str) and value else value
+
+    return {k: retype(v) if isinstance(v, (dict, list)) else v for k, v in overrides.items()}
+
+
 def _schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 

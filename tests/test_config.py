@@ -295,3 +295,18 @@ def test_init_config_gives_the_dataset_its_own_name_workdir_and_results(tmp_path
     other = {**config, "dataset": {**config["dataset"], "name": "other"}}
     assert Layout.of(config).trained_vae != Layout.of(other).trained_vae
     assert Layout.of(config).evaluator != Layout.of(other).evaluator
+
+
+def test_nested_numeric_overrides_in_the_readme_style_are_numbers(tmp_path):
+    """`--config training='{"lr": 0.01}'`: Snakemake hands nested scalars over as strings; they are numbers."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                          str(tmp_path), "--configfile", str(REPO / "config" / "smoke.yaml"), "--cores", "1", "-n",
+                          "--config", 'training={"lr": 0.01, "batch_size": 8}', 'sampling={"seeds": [0, 1]}'],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (stored,) = (tmp_path / ".snakemake" / "ldm-configs").glob("*.json")
+    config = json.loads(stored.read_text())
+    assert config["training"]["lr"] == 0.01 and config["training"]["batch_size"] == 8
+    assert config["sampling"]["seeds"] == [0, 1]
