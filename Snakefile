@@ -17,7 +17,7 @@ if "name" not in config and "scenarios" not in config:
     config.clear()
     config.update(merge(yaml.safe_load(open(workflow.source_path("config/default.yaml"))), _overrides))
 
-config.update(merge(config, typed_overrides(workflow.config_settings.overwrite_config or {})))
+config.update(merge(config, typed_overrides(dict(workflow.config_settings.config or {}))))  # --config only
 
 SOURCE = ", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or [])) or "config/default.yaml"
 try:

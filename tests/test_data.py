@@ -433,3 +433,66 @@ def test_unreadable_captions_are_skipped_with_reason(tmp_path):
     assert [(s.key, s.caption) for s in src] == [("t.tar:a", "fine")] and src.skipped == {"bad_caption": 1}
     with pytest.raises(FileNotFoundError):
         open_source(str(tmp_path / "missing.parquet"))
+
+
+# ------------------------------------------------------------------------------- nothing silently wrong
+def test_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    """A FIFO named x.png would block `read()` forever: it is skipped as `not_a_file` (in a thread with a
+    deadline, so a regression fails instead of hanging the suite)."""
+    import os
+    import threading
+
+    root = tmp_path / "raw"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "ok.png").write_bytes(_png(Image.new("RGB", (16, 16), (10, 20, 30) if cls == "a" else 0)))
+    os.mkfifo(root / "a" / "x.png")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(prepare(str(root), tmp_path / "out", 8)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        try:  # unblock a reader waiting for a writer, so the thread can end
+            os.close(os.open(root / "a" / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        pytest.fail("prepare blocked on a FIFO")
+    assert result["kept"] == 2 and result["skipped"] == {"not_a_file": 1}
+
+
+def test_images_without_class_subfolders_is_one_line(tmp_path, capsys):
+    """Images at the top level and no class folder: one line saying they must be in class subfolders and
+    how many sit at the top; images beside class folders are counted, not silently dropped."""
+    from ldm.cli import main
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_png(Image.new("RGB", (16, 16), (i, 0, 0))))
+    with pytest.raises(EmptyDatasetError, match=r"flat: 3 images at its top level and no class subfolder; "
+                                                r"images must be in class subfolders"):
+        open_source(str(root))
+    assert main(["prepare", str(root), "--out", str(tmp_path / "out"), "--resolution", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ldm prepare: error: ") and "class subfolders" in err
+    (root / "a").mkdir()
+    (root / "a" / "in.png").write_bytes(_png(Image.new("RGB", (16, 16), (9, 9, 9))))
+    rep = prepare(str(root), tmp_path / "out", 8)
+    assert rep["kept"] == 1 and rep["skipped"] == {"outside_class_folder": 3} and rep["classes"] == ["a"]
+
+
+def test_missing_latent_shard_ends_with_how_to_recover(tmp_path):
+    """A deleted cache shard is named, and the message ends with the recovery that `ldm encode` really does:
+    rerun it with the cache's arguments and the manifest in place (intact shards are kept)."""
+    from ldm.data.latent_cache import LatentDataset
+    from ldm.errors import CorruptShardError
+
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"shards": [{"file": "shard-00000.safetensors", "rows": 2, "sha256": "0" * 64}]}))
+    with pytest.raises(CorruptShardError) as info:
+        LatentDataset(tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path / 'shard-00000.safetensors'}: shard listed in manifest is missing; to recover, "
+                          f"rerun `ldm encode --out {tmp_path}` with the arguments that wrote it")
+    assert "keeps every shard that still matches manifest.json and re-encodes the missing ones" in msg
+    assert msg.endswith("re-encodes every shard)") and "\n" not in msg

@@ -29,6 +29,15 @@ MANIFEST = CACHE_MANIFEST
 MOMENTS = ("mean", "std", "mean_flip", "std_flip")
 
 
+# The recovery hint follows `ldm.stages.encode`: it reuses a shard only through a record (manifest.json, or a partial one
+# of an unfinished run) whose sha256 the file still matches, and Snakemake deletes a job's output (the
+# manifest) before rerunning it, so only a hand-run encode keeps the intact shards.
+_RECOVER = ("to recover, rerun `ldm encode --out {dir}` with the arguments that wrote it (its prepared dir, VAE, "
+            "text encoder, shard and batch size: see `params` in manifest.json); it keeps every shard that still "
+            "matches manifest.json and re-encodes the missing ones (deleting manifest.json so that Snakemake reruns "
+            "encode works too, but re-encodes every shard)")
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -52,7 +61,8 @@ class LatentDataset(torch.utils.data.Dataset):
             for s in self.shards:
                 p = self.dir / s["file"]
                 if not p.is_file():
-                    raise CorruptShardError(f"{p}: shard listed in manifest is missing")
+                    raise CorruptShardError(f"{p}: shard listed in manifest is missing; "
+                                            + _RECOVER.format(dir=self.dir))
                 got = file_sha256(p)
                 if got != s["sha256"]:
                     raise CorruptShardError(f"{p}: sha256 {got[:12]}... != manifest {s['sha256'][:12]}...")

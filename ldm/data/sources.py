@@ -5,16 +5,23 @@ tree, parquet caption shards, webdataset tars or the synthetic generator. Each s
 in a deterministic order; image bytes are read lazily through `read()` so that an unreadable file becomes
 one skipped sample (the caller catches OSError/SkipImage) instead of a crash. Samples whose caption or
 attributes cannot be read are not yielded; they are counted in `source.skipped` (reset on each iteration).
+A path that is not a regular file (a FIFO or device named `x.png`) is never read: reading it could block
+forever, so `read()` raises SkipImage("not_a_file") instead.
 """
 from __future__ import annotations
 
 import glob as globlib
 import json
+import os
+import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from ldm.data.transforms import SkipImage
+from ldm.errors import EmptyDatasetError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -55,8 +62,25 @@ def _parse_attributes(value) -> dict:
     return {str(k): str(v) for k, v in attrs.items()}
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file (through symlinks); opened non-blocking and checked
+    before any read, so a FIFO or a device raises SkipImage instead of hanging or streaming forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SkipImage("not_a_file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def _file_reader(path: Path) -> Callable[[], bytes]:
-    return lambda: path.read_bytes()
+    return lambda: _read_regular(path)
+
+
+def _is_image_name(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
 def _classes_near(paths: list[Path]) -> list[str]:
@@ -111,9 +135,18 @@ class FolderSource(Source):
 
     def _samples(self) -> Iterator[RawSample]:
         meta = self._metadata()
+        # images beside the class folders belong to no class: counted, not silently dropped
+        loose = sum(1 for p in self.root.iterdir() if _is_image_name(p) and not p.is_dir())
+        if loose:
+            self.skipped["outside_class_folder"] += loose
         for label, cls in enumerate(self.classes):
-            files = sorted(p for p in (self.root / cls).rglob("*")
-                           if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and not p.is_dir())
+            try:  # rglob hides an unreadable folder; its class keeps its label and has 0 images
+                with os.scandir(self.root / cls):
+                    pass
+            except OSError:
+                self.skipped["unreadable_folder"] += 1
+                continue
+            files = sorted(p for p in (self.root / cls).rglob("*") if _is_image_name(p) and not p.is_dir())
             for path in files:
                 key = path.relative_to(self.root).as_posix()
                 rec = meta.get(key, {"caption": "", "attributes": {}})
@@ -254,15 +287,19 @@ def open_source(source: str) -> Source:
     if p.is_dir():
         if (p / "dataset.json").is_file() and (p / "folders").is_dir():
             return FolderSource(p / "folders", name=f"synthetic:{p}")
-        parquets = sorted(p.glob("*.parquet"))
+        parquets = sorted(f for f in p.glob("*.parquet") if f.is_file())
         if parquets:
             return ParquetSource(parquets, src)
-        tars = sorted(p.glob("*.tar"))
+        tars = sorted(f for f in p.glob("*.tar") if f.is_file())
         if tars:
             return TarSource(tars, src)
         if any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir()):
             return FolderSource(p)
-        raise ValueError(f"no images, parquet shards, tar shards or class folders in {src}")
+        loose = sum(1 for c in p.iterdir() if _is_image_name(c))
+        if loose:
+            raise EmptyDatasetError(f"{src}: {loose} images at its top level and no class subfolder; images must "
+                                    f"be in class subfolders ({src}/<class>/<image>)")
+        raise EmptyDatasetError(f"no images, parquet shards, tar shards or class folders in {src}")
     files = _expand(src)
     if not files:
         raise FileNotFoundError(f"source not found: {src}")

@@ -46,6 +46,37 @@ rule prepare:
         f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {LOG} 2>&1"
 
 
+# Checks that need the prepared data (ldm/data/checks.py): a single class, an empty class folder, no caption
+# for a text recipe or a phantom class of duplicates fails here, in one line, before any training.
+localrules: check_data  # one pass over one prepared directory, no GPU: not worth a cluster job
+
+# Classes matter to a class-conditional recipe and to cond_accuracy; a text-only study of an unlabelled
+# corpus (CC12M) has none. Captions matter as soon as one recipe is text-conditional.
+CHECK_CLASSES = 2 if (any(not r.text_conditional for r in SCENARIO.recipes.values())
+                      or "cond_accuracy" in CFG["evaluation"]["metrics"]) else 0
+CHECK_CAPTIONS = any(r.text_conditional for r in SCENARIO.recipes.values())
+
+
+def checks(key):
+    """The check record of a data key, as an input of the jobs that read that data. Ancient: a rerun of the
+    check alone (say `--captions` after a text recipe is added) retrains nothing; new data reruns those jobs
+    anyway, through the prepared report or the latent cache."""
+    return ancient(str(L.prepared(key) / "checks.json"))
+
+
+rule check_data:
+    """Classes, captions and duplicates of one prepared data key; the record is written only if all hold."""
+    input:
+        str(L.prepared_report("{data}")),
+    output:
+        str(L.prepared("{data}") / "checks.json"),
+    log:
+        str(L.log("check_data.{data}.log")),
+    shell:
+        f"{LDM} check-data {q(L.prepared('{wildcards.data}'))} --min-classes {CHECK_CLASSES}"
+        f"{' --captions' if CHECK_CAPTIONS else ''} --out {OUTPUT} > {LOG} 2>&1"
+
+
 if not CFG["autoencoder"]["pretrained"]:
 
     rule train_vae:

@@ -11,6 +11,7 @@ def _local(path):
 rule train_evaluator:
     input:
         prepared(CFG["resolutions"]["high"]),
+        checks=checks(data_key(CFG["resolutions"]["high"])),
     output:
         str(L.evaluator_config),
     params:

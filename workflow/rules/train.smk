@@ -2,7 +2,7 @@
 
 def train_inputs(wildcards):
     run = RUNS[wildcards.run]
-    inputs = {"latents": str(L.latents_manifest(run.data_key))}
+    inputs = {"latents": str(L.latents_manifest(run.data_key)), "checks": checks(run.data_key)}
     if run.init_run:
         inputs["init"] = str(L.run(run.init_run).final)
     elif run.init_checkpoint:  # another scenario's run (dataset transfer): links the two modules' DAGs
