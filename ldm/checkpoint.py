@@ -177,7 +177,7 @@ def resume_section(run_section: dict, init_digest: str | None) -> dict:
 
 def resume_key(run_section: dict, init_path: Path | None) -> str:
     """Snapshots are resumed only if they were made on this weight trajectory: same settings, same init."""
-    return digest(resume_section(run_section, weights_digest(init_path) if init_path else None))
+    return resume_keys(run_section, init_path)[1]
 
 
 def legacy_resume_key(run_section: dict, init_digest: str | None) -> str:
@@ -199,11 +199,6 @@ def _read_state(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
-
-
-def snapshot_key(path: Path) -> str | None:
-    """The resume key a snapshot was written with (None if its state.json is unreadable)."""
-    return (_read_state(path) or {}).get("resume_key")
 
 
 def verify_snapshot(path: Path) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .layout import data_key
+from .layout import Layout, data_key
 from .provenance import digest
 
 #: Samplers a config may choose, per objective (the schema's enums are checked against this table).
@@ -202,9 +202,7 @@ class Scenario:
         return self.stages[run.stage]
 
     @cached_property
-    def layout(self):
-        from .layout import Layout
-
+    def layout(self) -> Layout:
         return Layout.of(self.config)
 
     def sampler(self, run: Run) -> str:

@@ -45,7 +45,7 @@ LDM = f"{q(sys.executable)} -m ldm.cli"
 # one recipe reruns that recipe's jobs and nothing else.
 CONFIG_VARIABLE = resolved_config_variable(CFG["name"])
 os.environ[CONFIG_VARIABLE] = str(store_resolved(CFG).resolve())
-CONFIG_JSON = f'"${CONFIG_VARIABLE}"'  # in a rule's shell command: the path, expanded by the job's shell
+CONFIG_ARG = f'"${CONFIG_VARIABLE}"'  # in a rule's shell command: the path, expanded by the job's shell
 
 
 def slurm_resources(rule, run=None):

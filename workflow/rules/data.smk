@@ -92,7 +92,7 @@ if not CFG["autoencoder"]["pretrained"]:
         log:
             str(L.log("train_vae.log")),
         shell:
-            f"{LDM} train-vae --config {CONFIG_JSON} --out {q(L.trained_vae)} --threads {{threads}} > {LOG} 2>&1"
+            f"{LDM} train-vae --config {CONFIG_ARG} --out {q(L.trained_vae)} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule encode:

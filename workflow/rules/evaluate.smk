@@ -22,7 +22,7 @@ rule train_evaluator:
     log:
         str(L.log("train_evaluator.log")),
     shell:
-        f"{LDM} train-evaluator --config {CONFIG_JSON} --out {q(L.evaluator)} --threads {{threads}} > {LOG} 2>&1"
+        f"{LDM} train-evaluator --config {CONFIG_ARG} --out {q(L.evaluator)} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule reference_stats:
@@ -57,7 +57,7 @@ rule sample:
     log:
         str(L.log("sample/{run}.log")),
     shell:
-        f"{LDM} sample --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
+        f"{LDM} sample --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule evaluate:
@@ -77,4 +77,4 @@ rule evaluate:
     log:
         str(L.log("evaluate/{run}.log")),
     shell:
-        f"{LDM} evaluate --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
+        f"{LDM} evaluate --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"

@@ -17,4 +17,4 @@ rule report:
     log:
         str(L.log("report.log")),
     shell:
-        f"{LDM} report --config {CONFIG_JSON} > {LOG} 2>&1"
+        f"{LDM} report --config {CONFIG_ARG} > {LOG} 2>&1"

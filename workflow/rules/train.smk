@@ -30,5 +30,5 @@ rule train:
         str(L.log("train/{run}.log")),
     shell:
         # one process, or torchrun (multi-GPU) / srun + torchrun (multi-node) per the stage's resources
-        f"{{params.launch}} -m ldm.cli train --config {CONFIG_JSON} --run {{wildcards.run}} --threads {{threads}}"
+        f"{{params.launch}} -m ldm.cli train --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}}"
         f" > {LOG} 2>&1"
