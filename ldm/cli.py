@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None,
                    help="processes sharing the work, shard k to rank k %% W (default: env WORLD_SIZE or 1)")
     p.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK / cuda / cpu)")
+    p.add_argument("--heldout", type=float, default=0.0,
+                   help="fraction of images held out of training (by a hash of seed and image key; dataset.heldout)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split (the config's seed)")
     p = add("train-evaluator", "train the offline evaluator on the real prepared images",
             True, True)
     p.add_argument("--out", required=True)

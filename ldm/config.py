@@ -27,7 +27,8 @@ DEFAULTS: dict = {
     # Cluster resources per rule; a laptop run ignores them (assumed values for the paper scale live in
     # config/paper.yaml). runtime in minutes.
     "resources": {"default": {"gpus": 0, "nodes": 1, "cpus": 1, "mem_mb": 4000, "runtime": 60}},
-    "dataset": {"synthetic": {"num_images": 1000, "corrupt": 0}},
+    # 5% of the images are never trained on (`ldm.data.split`): what `val_loss` is measured on
+    "dataset": {"heldout": 0.05, "synthetic": {"num_images": 1000, "corrupt": 0}},
     "autoencoder": {"pretrained": None, "steps": 600, "batch_size": 32, "lr": 1e-3},
     "text_encoder": "minilm",
     "evaluator": {"steps": 600, "batch_size": 64, "input_size": 64, "feature_dim": 64},
@@ -42,7 +43,9 @@ DEFAULTS: dict = {
         "num_samples": 256, "seeds": [0, 1, 2], "original_size": 256, "batch_size": 64,
         "guidance_sweep": [], "guidance_interval": None, "size_conditions": [],
     },
-    "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None},
+    "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
+                   # the MLPerf text-to-image validation: t = (i + 0.5) / timesteps, i < timesteps
+                   "val_loss": {"timesteps": 8, "max_images": 1024, "batch_size": 64}},
 }
 RECIPE_DEFAULTS = {
     "objective": "ddpm", "conditioning": "class", "semantic": None, "control": "additive",

@@ -82,3 +82,21 @@ def training_inputs(recipe: Recipe, batch: dict, generator: torch.Generator, num
     else:
         kwargs["class_labels"] = labels
     return x0, kwargs
+
+
+def validation_inputs(recipe: Recipe, batch: dict, num_classes: int, scaling_factor: float, shift_factor: float,
+                      uses_control: bool, pad_generator: torch.Generator):
+    """Latents x0 and model keywords of held-out rows as a fully conditioned model sees them: the posterior
+    mean of the unflipped crop (no posterior noise), its own control, no condition dropout; caption padding
+    noise (noisy_replicate) from `pad_generator`, which the caller seeds per row."""
+    x0 = (batch["mean"].float() - shift_factor) * scaling_factor
+    n = x0.shape[0]
+    kwargs = {"control": batch["control"].float(), "control_keep": torch.ones(n)} if uses_control else {}
+    if recipe.text_conditional:
+        text, text_mask = pad_captions(recipe, batch["text_emb"], batch["text_len"], pad_generator)
+        kwargs.update(text=text, text_keep=torch.ones(n))
+        if text_mask is not None:
+            kwargs["text_mask"] = text_mask
+    else:
+        kwargs["class_labels"] = batch["label"].long()
+    return x0, kwargs

@@ -54,6 +54,7 @@ class Recipe:
     sampler: str | None
     options: dict
     stages: list | None
+    train_seeds: list | None
 
     @property
     def text_conditional(self) -> bool:
@@ -92,6 +93,12 @@ class Run:
     init_run: str | None
     init_checkpoint: str | None = None  # a checkpoint from outside this grid (dataset transfer)
     crop: str = "center"
+    train_seed: int | None = None  # None: the config has no `train_seeds` (one run, id without a seed suffix)
+
+    @property
+    def group(self) -> str:
+        """The run id without its training-seed suffix: what tables and verdicts aggregate over."""
+        return run_group(self.run_id, self.train_seed)
 
     @property
     def data_key(self) -> str:
@@ -100,23 +107,45 @@ class Run:
         return data_key(self.resolution, self.crop)
 
 
+def seeded_id(base: str, train_seed: int | None) -> str:
+    """`dit.synthetic.transfer.64` trained with seed 1 is `dit.synthetic.transfer.64.s1`."""
+    return base if train_seed is None else f"{base}.s{train_seed}"
+
+
+def run_group(run_id: str, train_seed: int | None) -> str:
+    suffix = f".s{train_seed}"
+    return run_id[: -len(suffix)] if train_seed is not None and run_id.endswith(suffix) else run_id
+
+
+def train_seeds(config: dict, recipe: str) -> list[int | None]:
+    """A recipe's training seeds (`recipes.<r>.train_seeds` over the top-level `train_seeds`); [None] when
+    neither is set, which keeps the single run of older configs under its old id and seed."""
+    seeds = config["recipes"][recipe].get("train_seeds") or config.get("train_seeds")
+    return list(seeds) if seeds else [None]
+
+
 def expand_runs(config: dict) -> list[Run]:
-    """All runs of the grid, init stages before the stages they initialise."""
+    """All runs of the grid, init stages before the stages they initialise. With training seeds, each run
+    is repeated per seed and a seeded stage starts from the init stage's run of the same seed."""
     dataset = config["dataset"]["name"]
     runs = []
     order = _stage_order(config["stages"])
     for recipe, section in config["recipes"].items():
         wanted = _with_inits(config["stages"], section.get("stages") or order)
-        for stage in (s for s in order if s in wanted):
-            spec = config["stages"][stage]
-            px = config["resolutions"][spec["resolution"]]
-            init = spec.get("init")
-            init_run = None
-            if init is not None:
-                init_px = config["resolutions"][config["stages"][init]["resolution"]]
-                init_run = f"{recipe}.{dataset}.{init}.{init_px}"
-            runs.append(Run(f"{recipe}.{dataset}.{stage}.{px}", recipe, stage, px, init_run,
-                            spec.get("init_checkpoint"), spec["crop"]))
+        for seed in train_seeds(config, recipe):
+            for stage in (s for s in order if s in wanted):
+                spec = config["stages"][stage]
+                px = config["resolutions"][spec["resolution"]]
+                init = spec.get("init")
+                init_run = None
+                if init is not None:
+                    init_px = config["resolutions"][config["stages"][init]["resolution"]]
+                    init_run = seeded_id(f"{recipe}.{dataset}.{init}.{init_px}", seed)
+                checkpoint = spec.get("init_checkpoint")
+                if checkpoint and seed is not None:  # another scenario's run of the same seed
+                    checkpoint = checkpoint.replace("{train_seed}", str(seed))
+                runs.append(Run(seeded_id(f"{recipe}.{dataset}.{stage}.{px}", seed), recipe, stage, px, init_run,
+                                checkpoint, spec["crop"], seed))
     return runs
 
 
@@ -235,7 +264,8 @@ class Scenario:
         config = self.config
         section = {
             "data": self.data_section(),
-            "recipe": config["recipes"][run.recipe],
+            # the seed list is not a run's (its own seed is in its id): adding a seed reruns nothing
+            "recipe": {k: v for k, v in config["recipes"][run.recipe].items() if k != "train_seeds"},
             # resources change where a run executes, not its weights
             "stage": {k: v for k, v in config["stages"][run.stage].items() if k != "resources"},
             "training": config["training"],
@@ -251,8 +281,13 @@ class Scenario:
                 "evaluation": config["evaluation"], "evaluator": config["evaluator"]}
 
     def run_seed(self, run: Run) -> int:
-        """The run's own 63-bit seed (weight init, data order, noise): from the scenario seed and run id."""
-        return int(digest([self.config["seed"], run.run_id]), 16) % (2**63)
+        """The run's own 63-bit seed (weight init, data order, noise). Without training seeds: from the scenario
+        seed and the run id. With them: from the scenario seed and the training seed alone, so every run of one
+        seed draws the same data order and noise (common random numbers: a difference between two recipes
+        at one seed is not also a difference between two data orders, which is what makes pairing by seed pay)."""
+        if run.train_seed is None:
+            return int(digest([self.config["seed"], run.run_id]), 16) % (2**63)
+        return int(digest([self.config["seed"], "train_seed", run.train_seed]), 16) % (2**63)
 
     def fingerprint(self) -> str:
         return digest(self.config)

@@ -432,3 +432,24 @@ def test_shard_shuffled_reader_epochs_windows_workers(cache):
     assert sorted(seen[0] + seen[1]) == list(range(7))
     with pytest.raises(ValueError, match="rank"):
         ShardShuffledLatents(cache["a"], rank=2, world_size=2)
+
+
+def test_heldout_rows_are_flagged_by_key_and_left_out_of_training_rows(cache, vae_dir):
+    """`encode --heldout` flags rows by `ldm.data.split` on the prepared keys; the cache's training rows are
+    exactly the others, and without a split (fraction 0) the shards carry no flag at all."""
+    import pyarrow.parquet as pq
+
+    from ldm.data.split import heldout_mask
+
+    out = cache["root"] / "split"
+    m = encode_latents(cache["root"] / "prepared", str(vae_dir), out, batch_size=2, shard_size=3, heldout=0.4,
+                       split_seed=3)
+    keys = [k for f in sorted((cache["root"] / "prepared").glob("shard-*.parquet"))
+            for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
+    expect = torch.from_numpy(heldout_mask(keys, 0.4, 3))
+    assert 0 < int(expect.sum()) < len(keys) and m["heldout"]["rows"] == int(expect.sum())
+    ds = LatentDataset(out)
+    assert ds.split_rows(heldout=True).tolist() == torch.nonzero(expect).flatten().tolist()
+    assert ds.split_rows(heldout=False).tolist() == torch.nonzero(~expect).flatten().tolist()
+    plain = LatentDataset(cache["a"])
+    assert "heldout" not in plain.rows() and plain.split_rows(heldout=False).tolist() == list(range(len(plain)))

@@ -84,6 +84,22 @@ def test_rerun_has_nothing_to_do(smoke_run):
     assert planned_jobs(smoke_run) == {}
 
 
+def test_a_deleted_latent_shard_stops_the_dag_build_naming_it(smoke_run):
+    """Snakemake tracks a cache's manifest, not its shards: a deleted shard is caught when the DAG is built
+    (before any job), named, with the recovery, instead of failing every training retry."""
+    shard = sorted((smoke_run / "work" / "smoke" / "latents" / "synthetic" / "r16").glob("shard-*"))[0]
+    aside = shard.with_name("aside")
+    shard.rename(aside)
+    try:
+        out = snakemake(smoke_run, "-n")
+    finally:
+        aside.rename(shard)
+    assert out.returncode != 0
+    assert (f"{shard.relative_to(smoke_run)}: shard listed in manifest is missing; to recover, rerun `ldm encode"
+            in out.stderr)
+    assert planned_jobs(smoke_run) == {}
+
+
 def test_deleting_a_checkpoint_reruns_only_downstream_jobs(smoke_run):
     (smoke_run / "work" / "smoke" / "runs" / RUNS[0] / "final.safetensors").unlink()
     assert planned_jobs(smoke_run) == {"train": 2, "sample": 2, "evaluate": 2, "report": 1, "all": 1}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ldm.config import ConfigError, job_resources, launcher, resolved_config_variable, store_resolved, validate
+from ldm.data.latent_cache import missing_shard_error
 from ldm.provenance import digest
 from ldm.layout import data_key, parse_data_key
 from ldm.spec import Scenario

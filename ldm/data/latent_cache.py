@@ -38,6 +38,19 @@ _RECOVER = ("to recover, rerun `ldm encode --out {dir}` with the arguments that 
             "encode works too, but re-encodes every shard)")
 
 
+def missing_shard_error(dir: Path) -> str | None:
+    """One line naming the first shard that a finished cache's manifest lists but the disk lacks, else None.
+    Only `stat`s (no hashing), so the Snakefile runs it on every DAG build: Snakemake tracks the manifest,
+    not the shards, and a deleted shard would otherwise surface as a failed training job, retried in vain."""
+    mpath = Path(dir) / MANIFEST
+    if not mpath.is_file():
+        return None
+    for s in json.loads(mpath.read_text())["shards"]:
+        if not (Path(dir) / s["file"]).is_file():
+            return f"{Path(dir) / s['file']}: shard listed in manifest is missing; " + _RECOVER.format(dir=dir)
+    return None
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -61,8 +74,7 @@ class LatentDataset(torch.utils.data.Dataset):
             for s in self.shards:
                 p = self.dir / s["file"]
                 if not p.is_file():
-                    raise CorruptShardError(f"{p}: shard listed in manifest is missing; "
-                                            + _RECOVER.format(dir=self.dir))
+                    raise CorruptShardError(missing_shard_error(self.dir))
                 got = file_sha256(p)
                 if got != s["sha256"]:
                     raise CorruptShardError(f"{p}: sha256 {got[:12]}... != manifest {s['sha256'][:12]}...")
@@ -102,6 +114,14 @@ class LatentDataset(torch.utils.data.Dataset):
         k = bisect.bisect_right(self._offsets, i) - 1
         row = {name: t[i - self._offsets[k]] for name, t in self._load(k).items()}
         return {**row, **self._factors()}
+
+    def split_rows(self, heldout: bool) -> torch.Tensor:
+        """Global row indices of the training rows (`heldout=False`) or of the held-out ones (`ldm.data.split`).
+        A cache without the split (encoded with `heldout: 0`, or before it existed) is all training rows."""
+        data = self.rows()
+        if "heldout" not in data:
+            return torch.arange(0 if heldout else len(self))
+        return torch.nonzero(data.column("heldout").bool() == heldout).flatten()
 
     def rows(self) -> MappedRows:
         """The per-sample tensors, memory-mapped (`MappedRows`): for training and sampling at any cache size."""

@@ -68,7 +68,7 @@ def load_prepared(dir: Path, verify: bool = True):
 class PreparedRows:
     """Row-range reader over the prepared parquet shards (one decoded file kept at a time)."""
 
-    COLUMNS = ["image", "label", "caption", *CONTROL_FIELDS]
+    COLUMNS = ["key", "image", "label", "caption", *CONTROL_FIELDS]
 
     def __init__(self, prepared: Path, report: dict):
         import pyarrow.parquet as pq

@@ -42,6 +42,7 @@ class Need(str, enum.Enum):
     CLIP = "a CLIP model (evaluation.clip_model)"
     INCEPTION = "clean-fid's Inception and an Inception reference"
     SIZE_CONDITIONS = "samples of one noise at every sampling.size_conditions size"
+    MODEL = "the snapshot's EMA weights and the held-out rows of the latent cache"
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,11 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                frozenset({Need.PREDICTIONS, Need.SIZE_CONDITIONS}), None, group="size_consistency", curve=False,
                selectable=False),
     MetricSpec("clip_score", False, _clip_protocol, frozenset({Need.CLIP}), _clip_score, report_rank=4),
+    # computed per snapshot from the weights, not from an image set (`ldm.stages.evaluate`, `ldm.metrics.val_loss`)
+    MetricSpec("val_loss", True, lambda p: "the objective's per-sample loss on held-out images (dataset.heldout), "
+               "mean over t = (i + 0.5) / n and images, fixed noise per (image, t), EMA weights; compare only runs "
+               "of one objective, parameterisation and DDPM schedule", frozenset({Need.MODEL}), None,
+               report_rank=8),
     MetricSpec("fid_clean", True, lambda p: "clean-fid Inception FID, mode clean", frozenset({Need.INCEPTION}),
                _inception_fid("clean", "fid_clean"), report_rank=1),
     MetricSpec("fid_legacy_tf", True, lambda p: "clean-fid Inception FID, mode legacy_tensorflow",
@@ -176,10 +182,11 @@ def _check(metrics: dict[str, MetricSpec]) -> None:
     groups: dict[str, list[MetricSpec]] = {}
     for spec in metrics.values():
         groups.setdefault(spec.group_name, []).append(spec)
-        if (spec.compute is None) != (Need.SIZE_CONDITIONS in spec.needs):
-            raise ValueError(f"metric {spec.name}: a compute function is needed unless it reads the size conditions")
-        if spec.curve and spec.compute is None:
-            raise ValueError(f"metric {spec.name}: only metrics computed per image set have a curve")
+        if (spec.compute is None) != bool({Need.SIZE_CONDITIONS, Need.MODEL} & spec.needs):
+            raise ValueError(f"metric {spec.name}: a compute function is needed unless it reads the size "
+                             "conditions or the model")
+        if spec.curve and spec.compute is None and Need.MODEL not in spec.needs:
+            raise ValueError(f"metric {spec.name}: only metrics computed per image set or per snapshot have a curve")
     for name, members in groups.items():
         if len({id(m.compute) for m in members}) != 1:
             raise ValueError(f"metric group {name}: members must share one compute function")

@@ -29,6 +29,7 @@ from ldm.autoencoder import downsample_factor, load_vae, vae_identity
 from ldm.control import CONTROL_FIELDS
 from ldm.data.latent_cache import FORMAT, MANIFEST, MOMENTS, shard_name
 from ldm.data.prepared import PreparedRows
+from ldm.data.split import heldout_mask
 from ldm.layout import PREPARED_REPORT
 from ldm.provenance import atomic_write_json, file_sha256
 
@@ -49,7 +50,10 @@ def _decode_images(blobs: list[bytes], resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode_shard(rows: dict, vae, te, resolution: int, batch_size: int, device) -> dict[str, torch.Tensor]:
+def _encode_shard(rows: dict, vae, te, resolution: int, batch_size: int, device,
+                  heldout: tuple[float, int] = (0.0, 0)) -> dict[str, torch.Tensor]:
+    """The cache tensors of a range of prepared rows; `heldout` (fraction, seed) adds the held-out flag per
+    row (`ldm.data.split`; absent at fraction 0, which leaves the shard as it was before the split existed)."""
     parts: dict[str, list[torch.Tensor]] = {}
     n = len(rows["label"])
     for a in range(0, n, batch_size):
@@ -67,6 +71,8 @@ def _encode_shard(rows: dict, vae, te, resolution: int, batch_size: int, device)
     if te is not None:
         out["text_len"] = torch.cat(parts["text_len"]).to(torch.int64)
     out["label"] = torch.tensor(rows["label"], dtype=torch.int64)
+    if heldout[0] > 0:
+        out["heldout"] = torch.from_numpy(heldout_mask(rows["key"], *heldout).astype(np.uint8))
     out["control"] = torch.tensor([[rows[c][i] for c in CONTROL_FIELDS] for i in range(n)],
                                   dtype=torch.float32).reshape(n, len(CONTROL_FIELDS))
     return out
@@ -105,6 +111,8 @@ def encode_latents(
     device: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    heldout: float = 0.0,
+    split_seed: int = 0,
 ) -> dict:
     """Encode a prepared directory into a latent cache at `out`.
 
@@ -149,6 +157,8 @@ def encode_latents(
         "shard_size": int(shard_size),
         "batch_size": int(batch_size),
     }
+    if heldout > 0:  # only then: caches encoded before the split existed keep their records
+        params["heldout"] = {"fraction": float(heldout), "seed": int(split_seed)}
 
     out.mkdir(parents=True, exist_ok=True)
     previous = _read_records(out, params, [MANIFEST, *_partials(out)])
@@ -179,7 +189,8 @@ def encode_latents(
                 continue
             log.warning("%s: sha256 differs from its record (corrupt or modified); re-encoding it", path)
             corrupt.append(name)
-        tensors = _encode_shard(source.rows(a, b), model, te, resolution, batch_size, device)
+        tensors = _encode_shard(source.rows(a, b), model, te, resolution, batch_size, device,
+                                (float(heldout), int(split_seed)))
         tmp = path.with_name(name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, path)
@@ -219,6 +230,8 @@ def encode_latents(
         "prepared": {"path": str(prepared), "report_sha256": params["prepared_report_sha256"]},
         "params": params,
     }
+    if heldout > 0:
+        manifest["heldout"] = {**params["heldout"], "rows": _count_heldout(out, manifest["shards"])}
     # A rank-private temp name: two ranks finishing together may both write the (identical) manifest.
     tmp = out / f".{MANIFEST}.{rank}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -226,6 +239,16 @@ def encode_latents(
     for name in _partials(out):
         (out / name).unlink(missing_ok=True)
     return {**manifest, "complete": True, "run": run}
+
+
+def _count_heldout(out: Path, shards: list[dict]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for s in shards:
+        with safe_open(str(out / s["file"]), "pt") as f:
+            total += int(f.get_tensor("heldout").sum())
+    return total
 
 
 def _rank_world(args) -> tuple[int, int]:
@@ -246,7 +269,7 @@ def run(args) -> None:
         device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
     result = encode_latents(Path(args.prepared), args.vae, Path(args.out), text_encoder=text,
                             batch_size=args.batch_size, shard_size=args.shard_size, device=device,
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, heldout=args.heldout, split_seed=args.split_seed)
     done = result["run"]
     who = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{who}encoded {len(done['encoded'])} shards, reused {len(done['reused'])}")

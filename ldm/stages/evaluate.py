@@ -130,6 +130,9 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
     if want and have and want != have:
         raise ValueError(f"{ref_file} was computed with another evaluator (weights {want[:12]}, loaded {have[:12]})")
     ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log)
+    validation = ValidationLoss(scenario, run, log) if "val_loss" in wanted else None
+    if validation is not None and validation.skipped:
+        ctx.skipped["val_loss"] = validation.skipped
     curve, final = [], None
     for entry in index["snapshots"]:
         data = load_set(samples_dir, entry)
@@ -139,6 +142,9 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
             for name, value in ctx.metrics(data["images"][pick], data["labels"][pick]).items():
                 per_seed.setdefault(name, []).append(value)
         summary = _summary(per_seed)
+        if validation is not None and not validation.skipped:
+            # one number per snapshot (no sampling seeds): std 0 by construction, said in the record
+            summary["val_loss"] = _summary({"val_loss": [validation.at(entry["step"])["val_loss"]]})["val_loss"]
         curve.append({"step": entry["step"], "num_seeds": len(entry["seeds"]), **{n: s["mean"] for n, s in summary.items()},
                       **{f"{n}_std": s["std"] for n, s in summary.items()}})
         final = (entry, data, summary)
@@ -164,6 +170,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
     record = {
         "run_id": run_id,
         "recipe": run.recipe, "stage": run.stage, "resolution": run.resolution, "init_run": run.init_run,
+        "train_seed": run.train_seed, "run_group": run.group,
         "config_hash": digest(scenario.eval_section(run)),
         "scenario": config["name"], "config_fingerprint": scenario.fingerprint(),
         "code_version": code_version(),
@@ -183,11 +190,60 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         "sample_grid": str(grid_path),
         "model": _model_cost(scenario, run, index),
     }
+    if validation is not None and not validation.skipped:
+        record["val_loss"] = {k: v for k, v in validation.at(entry["step"]).items() if k != "val_loss"}
     if any(Need.INCEPTION in metric(name).needs for name in wanted):
         record["fid_reference"] = fid_reference(scenario, run.resolution)
     out = layout.metrics(run_id)
     atomic_write_json(out, record)
     return out
+
+
+class ValidationLoss:
+    """val_loss of a run's snapshots (`ldm.metrics.val_loss`): the model and the held-out rows loaded once.
+    `skipped` holds the one-line reason when there is nothing to measure it on."""
+
+    def __init__(self, scenario: Scenario, run: Run, log=print):
+        from ..metrics.val_loss import validation_loss
+        from ..models import model_from_config
+        from ..recipe import build_run_objective, validation_inputs
+
+        self.scenario, self.run, self.log, self.skipped, self._done = scenario, run, log, "", {}
+        cache = LatentDataset(scenario.layout.latents(run.data_key), verify=False)
+        settings = scenario.config["evaluation"]["val_loss"]
+        self.rows = cache.split_rows(heldout=True)[: settings["max_images"]]
+        if len(self.rows) == 0:
+            self.skipped = (f"val_loss skipped: no held-out rows in {cache.dir} (dataset.heldout is 0, or the cache "
+                            "was encoded before the split existed)")
+            log(self.skipped)
+            return
+        _, model_config, _ = load_final(scenario.layout.run(run.run_id).final)
+        self.model = model_from_config(model_config).eval()
+        recipe, objective, num_classes = scenario.recipe(run), build_run_objective(scenario, run), len(cache.classes)
+        takes_control = self.model.takes_control
+
+        def make_inputs(batch, pad_generator):
+            return validation_inputs(recipe, batch, num_classes, cache.scaling_factor, cache.shift_factor,
+                                     takes_control, pad_generator)
+
+        self._measure = lambda: validation_loss(
+            self.model, objective, make_inputs, cache.rows(), self.rows, resolution=run.resolution,
+            seed=scenario.config["seed"], points=settings["timesteps"], batch_size=settings["batch_size"])
+
+    def at(self, step: int) -> dict:
+        """val_loss of the EMA weights of the snapshot at `step` (computed once per step)."""
+        if step not in self._done:
+            from safetensors.torch import load_file
+
+            from ..checkpoint import list_snapshots, snapshot_step
+
+            paths = self.scenario.layout.run(self.run.run_id)
+            snapshot = next(s for s in list_snapshots(paths.checkpoints) if snapshot_step(s) == step)
+            self.model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
+            self._done[step] = self._measure()
+            self.log(f"{self.run.run_id} step {step}: val_loss={self._done[step]['val_loss']:.5f} "
+                     f"({self._done[step]['images']} held-out images)")
+        return self._done[step]
 
 
 def _model_cost(scenario: Scenario, run: Run, index: dict) -> dict:

@@ -149,7 +149,12 @@ class Trainer:
         """The run's latent cache, memory-mapped: a batch reads its own rows, whatever the cache's size."""
         cache_dir = self.scenario.layout.latents(self.run.data_key)
         self.dataset = LatentDataset(cache_dir)
-        self.count = len(self.dataset)
+        # Training draws positions into the training rows only: held-out rows (val_loss) are never seen. A cache
+        # without a split has every row here, and then positions are rows (batches as before the split existed).
+        self.train_rows = self.dataset.split_rows(heldout=False)
+        self.count = len(self.train_rows)
+        if self.count == 0:
+            raise ConfigError(f"run {self.run.run_id}: every row of {cache_dir} is held out (dataset.heldout)")
         self.data = self.dataset.rows()
         self.latent_shape = self.data.shapes["mean"]
         self.num_classes = len(self.dataset.classes)
@@ -243,6 +248,7 @@ class Trainer:
         share: the draws per sample do not depend on world size or grad_accum."""
         acc, tcfg, noise_gen = self.accelerator, self.tcfg, self.generators["noise"]
         idx, self.order = _next_batch(self.order, self.data_state, self.batch_size, self.count, self.generators["data"])
+        idx = self.train_rows[idx]
         x0, kwargs = training_inputs(self.recipe, self.data.gather(idx), noise_gen, self.num_classes,
                                      self.dataset.scaling_factor, self.dataset.shift_factor,
                                      uses_control=self.raw_model.takes_control)

@@ -105,6 +105,8 @@ rule encode:
         h=lambda w: data_params(w.data)[2],
         vae=L.vae,
         text=CFG["text_encoder"] or "none",
+        heldout=CFG["dataset"]["heldout"],
+        split_seed=CFG["seed"],
     threads: CFG["threads"]
     resources:
         **rule_resources("encode"),
@@ -113,4 +115,5 @@ rule encode:
     shell:
         f"{LDM} encode --prepared {q(L.prepared('{wildcards.data}'))} --vae {{params.vae:q}}"
         f" --out {q(L.latents('{wildcards.data}'))} --text-encoder {{params.text:q}}"
+        f" --heldout {{params.heldout}} --split-seed {{params.split_seed}}"
         f" --threads {{threads}} > {LOG} 2>&1"

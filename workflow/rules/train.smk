@@ -2,6 +2,9 @@
 
 def train_inputs(wildcards):
     run = RUNS[wildcards.run]
+    missing = missing_shard_error(L.latents(run.data_key))
+    if missing:  # before any job starts, not as a training job failing on every retry
+        raise WorkflowError(missing)
     inputs = {"latents": str(L.latents_manifest(run.data_key)), "checks": checks(run.data_key)}
     if run.init_run:
         inputs["init"] = str(L.run(run.init_run).final)
