@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--corrupt", type=int, default=0, help="corrupt files to mix in (prepare must skip them)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world", default="simple", choices=["simple", "rich"],
+                   help="simple: independent attributes; rich: class-dependent sizes, chiral shapes, varied captions "
+                        "(docs/synthetic-world.md)")
     p = add("prepare", "decode, validate, resize and crop images; record control metadata")
     p.add_argument("source", help="class-folder tree, parquet file/dir/glob, or webdataset tar glob")
     p.add_argument("--out", required=True)

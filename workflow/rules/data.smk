@@ -11,10 +11,12 @@ rule synthesize:
         h=digest(CFG["dataset"]) + str(CFG["seed"]),
         n=CFG["dataset"].get("synthetic", {}).get("num_images"),
         corrupt=CFG["dataset"].get("synthetic", {}).get("corrupt"),
+        world=CFG["dataset"].get("synthetic", {}).get("world", "simple"),
     log:
         str(L.log("synthesize.log")),
     shell:
         f"{LDM} synthesize --out {q(L.synthetic)} --num-images {{params.n}} --corrupt {{params.corrupt}}"
+        f" --world {{params.world}}"
         f" --seed {CFG['seed']} > {LOG} 2>&1"
 
 
