@@ -41,7 +41,7 @@ DEFAULTS: dict = {
     "sampling": {
         "sampler": "ddim", "steps": 50, "guidance": 1.5, "guidance_control": 1.0,
         "num_samples": 256, "seeds": [0, 1, 2], "original_size": 256, "batch_size": 64,
-        "guidance_sweep": [], "guidance_interval": None, "size_conditions": [],
+        "guidance_sweep": [], "guidance_sweep_joint": False, "guidance_interval": None, "size_conditions": [],
     },
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
                    # the MLPerf text-to-image validation: t = (i + 0.5) / timesteps, i < timesteps

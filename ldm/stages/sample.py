@@ -10,6 +10,8 @@ Images are stored by `ldm.samples`, one shard per snapshot.
 Two extra sets of the final snapshot, when the config asks for them:
 - `guidance.safetensors`: the first seed at every semantic scale of `sampling.guidance_sweep` (the sweep
   curve; evaluation picks the scale with the best fd_evaluator);
+- `guidance_joint.safetensors` (`sampling.guidance_sweep_joint`, recipes with control): the same sweep with
+  one joint scale on both conditions, the single-scale guidance that two-scale guidance is compared with;
 - `sizes.safetensors`: every seed at every original size of `sampling.size_conditions`, same noise and
   class per image across sizes (the size-consistency metric, the paper's Figure 2 effect).
 Image i is bit-identical whatever `sampling.batch_size` (see `ldm.sampling`; the forward group size is
@@ -95,11 +97,12 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
     if recipe.text_conditional:
         text, text_mask = sampling_captions(cache, labels, recipe, seed=scenario.config["seed"])
 
-    def draw(seed: int, guidance: float, ctrl: torch.Tensor) -> torch.Tensor:
+    def draw(seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None) -> torch.Tensor:
         latents = sample_latents(model, objective, None if text is not None else labels,
                                  ctrl if recipe.uses_control else None, text=text, text_mask=text_mask,
                                  latent_shape=latent_shape, steps=scfg["steps"],
-                                 guidance_semantic=guidance, guidance_control=scfg["guidance_control"],
+                                 guidance_semantic=guidance,
+                                 guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
                                  guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
                                  batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH)
         return decode_to_uint8(vae, latents, scaling, shift)
@@ -128,6 +131,16 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
                                    "step": entries[-1]["step"]}
         log(f"{run.run_id}: guidance sweep at scales {scales} (seed {seed})")
+        if scfg["guidance_sweep_joint"] and recipe.uses_control:
+            # one joint scale on both conditions (the control scale follows the semantic one): the guided
+            # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
+            # compares two-scale guidance with (same seed, same noise, same weights)
+            images = [draw(seed, g, control, control_scale=g) for g in scales]
+            save_set(out / "guidance_joint.safetensors", {
+                "images": torch.cat(images), "labels": labels.repeat(len(scales)),
+                "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(len(labels))})
+            extra["guidance_sweep_joint"] = {**extra["guidance_sweep"], "file": "guidance_joint.safetensors"}
+            log(f"{run.run_id}: joint guidance sweep at scales {scales} (seed {seed})")
     if scfg["size_conditions"] and not recipe.uses_control:
         log(f"{run.run_id}: size conditions skipped: recipe {run.recipe} has no control conditioning")
     elif scfg["size_conditions"]:
@@ -156,7 +169,7 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         "model_config": model_config, "latent_shape": list(latent_shape),
         "text_tokens": 0 if text is None else int(text.shape[1]), **extra,
     })
-    for stale in ("guidance.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
+    for stale in ("guidance.safetensors", "guidance_joint.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
         if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
             (out / stale).unlink()
     return out / INDEX
