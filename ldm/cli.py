@@ -94,11 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-evaluator", "train the offline evaluator on the real prepared images",
             True, True)
     p.add_argument("--out", required=True)
-    p = add("reference-stats", "evaluator feature statistics of a prepared dataset",
-            threads=True)
+    p = add("reference-stats", "evaluator feature statistics of a prepared dataset (and, with --inception, its "
+            "Inception statistics next to them)", threads=True)
     p.add_argument("--prepared", required=True)
     p.add_argument("--evaluator", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--inception", action="append", choices=["clean", "legacy_tensorflow"],
+                   help="also write the Inception statistics of this clean-fid mode (fid_clean: clean, fid_legacy_tf: "
+                        "legacy_tensorflow) to <out stem>.inception-<mode>.npz (repeatable)")
+    p.add_argument("--inception-max-images", type=int, default=None,
+                   help="at most this many real images in the Inception statistics, evenly spaced (default: all)")
+    p.add_argument("--device", default=None, help="torch device of the Inception (default: cuda if available, else cpu)")
     p = add("train", "train one run of the grid (resumes from its latest snapshot; on SIGTERM/SIGUSR1 "
             "it snapshots and exits 75; under torchrun each process trains its share of the global batch)", True, True)
     p.add_argument("--run", required=True)

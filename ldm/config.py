@@ -44,6 +44,9 @@ DEFAULTS: dict = {
         "guidance_sweep": [], "guidance_sweep_joint": False, "guidance_interval": None, "size_conditions": [],
     },
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
+                   # Inception FIDs (fid_clean, fid_legacy_tf): real images cached (None: all), final snapshot only,
+                   # every sampling seed (None); rule hashes leave them out without an Inception metric
+                   "inception_max_images": None, "inception_snapshots": "final", "inception_seeds": None,
                    # the MLPerf text-to-image validation: t = (i + 0.5) / timesteps, i < timesteps
                    "val_loss": {"timesteps": 8, "max_images": 1024, "batch_size": 64}},
 }

@@ -184,3 +184,64 @@ def test_fid_reference_identity_from_an_existing_npz(scenario, tmp_path):
     config["evaluation"]["reference_stats"] = str(adm)
     ref = evaluate_mod.fid_reference(Scenario(config), 32)
     assert ref["source"] == "statistics file" and ref["file"] == str(adm) and len(ref["sha256"]) == 64
+
+
+def test_inception_fids_only_where_asked_with_their_provenance(scenario, monkeypatch):
+    """evaluation.inception_snapshots / inception_seeds decide which image sets get the Inception FID (the
+    network itself is replaced: tests/test_inception.py checks it against clean-fid); the record says which
+    reference (the cached npz of `reference-stats`, by sha256), network, and how many images each side used."""
+    from ldm.metrics import fid
+
+    config, _ = scenario
+    config["sampling"].update(guidance_sweep=[], size_conditions=[])
+    config["evaluation"]["metrics"] = ["fd_evaluator", "fid_clean"]
+    sample_run(config, RUN, log=lambda *_: None)
+    cached = Layout.of(config).inception_reference(32, "clean")
+    network = fid.inception_network_identity()
+    save_stats(cached, np.zeros(fid.INCEPTION_DIM), np.eye(fid.INCEPTION_DIM),
+               {"protocol": "fid_clean", "mode": "clean", "count": 30, "of": 40, "inception_network": network})
+    calls = []
+
+    def fake_fid(images, ref, mode, device="cpu"):
+        calls.append((len(images), str(ref), mode))
+        return float(len(calls))
+
+    monkeypatch.setattr(fid, "inception_fid", fake_fid)
+    monkeypatch.setattr(evaluate_mod, "inception_statistics", lambda *a, **k: pytest.fail("cache not used"))
+
+    lines = []
+    record = json.loads(evaluate_run(config, RUN, log=lines.append).read_text())  # defaults: final, every seed
+    assert calls == [(12, str(cached), "clean")] * 2  # the final snapshot (step 6), seeds 0 and 1
+    assert record["metrics"]["fid_clean"]["per_seed"] == [1.0, 2.0]
+    assert [("fid_clean" in p) for p in record["curve"]] == [False, True]
+    used = record["inception"]["fid_clean"]
+    assert (used["generated_images"], used["reference_images"], used["seeds"], used["steps"], used["snapshots"]) == \
+        (12, 30, [0, 1], [6], "final")
+    assert used["network"] == network and used["reference"]["file"] == str(cached)
+    assert used["reference"]["sha256"] == evaluate_mod.file_sha256(cached) and used["reference"]["of"] == 40
+    assert any("fid_clean: 12 generated images per seed" in line for line in lines)
+
+    calls.clear()
+    config["evaluation"].update(inception_snapshots="all", inception_seeds=1)
+    record = json.loads(evaluate_run(config, RUN, log=lambda *_: None).read_text())
+    assert calls == [(12, str(cached), "clean")] * 2  # step 3 (its one seed) and step 6 (its first seed)
+    assert [p["fid_clean"] for p in record["curve"]] == [1.0, 2.0]
+    assert record["metrics"]["fid_clean"]["per_seed"] == [2.0]
+    assert (record["inception"]["fid_clean"]["seeds"], record["inception"]["fid_clean"]["steps"]) == ([0], [3, 6])
+
+
+def test_rule_hashes_leave_out_the_inception_settings_unless_an_inception_metric_is_wanted(scenario):
+    """A config without Inception metrics hashes its evaluation section as before the Inception settings existed
+    (existing work directories rerun nothing); with one, the settings are in the hash."""
+    from ldm.metrics.registry import INCEPTION_SETTINGS, eval_hash_section
+    from ldm.provenance import digest
+
+    config, _ = scenario
+    scenario_obj = Scenario(config)
+    section = scenario_obj.eval_section(scenario_obj.run(RUN))
+    before = {**section, "evaluation": {k: v for k, v in section["evaluation"].items() if k not in INCEPTION_SETTINGS}}
+    assert set(INCEPTION_SETTINGS) <= set(section["evaluation"])  # defaults filled in
+    assert digest(eval_hash_section(section)) == digest(before)
+    config["evaluation"]["metrics"] = ["fd_evaluator", "fid_legacy_tf"]
+    section = Scenario(config).eval_section(scenario_obj.run(RUN))
+    assert eval_hash_section(section) == section

