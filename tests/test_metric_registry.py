@@ -31,16 +31,16 @@ def test_every_metric_has_a_direction_protocol_text_and_needs():
 
 def test_unknown_metric_gets_no_direction(tmp_path):
     from ldm.stages.report import transfer_table
-    from ldm.study import _better_sign, _metric_names, compare
+    from ldm.seed_groups import compare, metric_names
 
-    for lookup in (registry.metric, registry.lower_is_better, registry.better_sign, _better_sign):
+    for lookup in (registry.metric, registry.lower_is_better, registry.better_sign):
         with pytest.raises(UnknownMetricError, match="unknown metric 'fd_typo'"):
             lookup("fd_typo")
     rec = {"metrics": {"fd_typo": {"mean": 1.0, "std": 0.0, "per_seed": [1.0]}}, "seeds": [0]}
     with pytest.raises(UnknownMetricError):
         compare(rec, rec, "fd_typo")
     with pytest.raises(UnknownMetricError):  # no silent drop out of REPORT.md either
-        _metric_names([rec])
+        metric_names([rec])
     with pytest.raises(UnknownMetricError):
         registry.compute_metrics(None, None, ["fd_typo"])
     with pytest.raises(UnknownMetricError):
@@ -73,7 +73,7 @@ def test_directions_and_orders_are_the_ones_results_were_made_with():
 
 
 def test_inception_metric_names_follow_clean_fid_modes():
-    from ldm.metrics.fid import PROTOCOLS
+    from ldm.metrics.inception import PROTOCOLS
 
     assert {n for n, s in METRICS.items() if Need.INCEPTION in s.needs} == set(PROTOCOLS.values())
     assert registry.INCEPTION_MODES == {name: mode for mode, name in PROTOCOLS.items()}

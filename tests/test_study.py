@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from ldm.config import ConfigError, load_config, merge, validate
-from ldm.study import compare, first_reach, write_study_report
+from ldm.efficiency import first_reach
+from ldm.seed_groups import compare
+from ldm.study import write_study_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +94,8 @@ def test_transfer_table_skips_recipes_that_ran_a_subset_of_the_stages():
 
 
 def test_claim_6_needs_less_compute_not_only_a_better_final_metric():
-    from ldm.study import claims_section, efficiency_costs
+    from ldm.claims import claims_section
+    from ldm.efficiency import efficiency_costs
 
     config = validate(yaml.safe_load((REPO / "config" / "default.yaml").read_text()))
     pre = dict(record("dit", "pretrain", 140, 5, step=100), run_id="dit.synthetic.pretrain.32")
@@ -252,7 +255,7 @@ def test_claim_5_tradeoff_item_compares_the_sweeps(tmp_path):
 
 
 def test_one_training_seed_per_side_is_labelled_and_never_equivalent():
-    from ldm.study import compare
+    from ldm.seed_groups import compare
 
     a = record("a", "t", 100.0, 0.3)
     b = record("b", "t", 100.2, 0.3)  # 0.2 ± 0.49: well inside ±2 % of 100, but on sampling noise only
@@ -264,7 +267,7 @@ def test_one_training_seed_per_side_is_labelled_and_never_equivalent():
 
 
 def test_groups_reject_two_records_of_one_seed():
-    from ldm.study import group_records
+    from ldm.seed_groups import group_records
 
     recs = seeded_records()
     assert [len(g) for g in group_records(recs).values()] == [3] * 5

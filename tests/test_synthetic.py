@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from ldm.data import synthetic as syn
+from ldm.data.synthetic_writer import write_synthetic
 
 # Digests of `write_synthetic(tmp, 40, seed=0, corrupt=2)` computed with the generator as it was before the
 # rich world existed. BYTES: every file's exact bytes (PNG bytes depend on zlib, parquet bytes on the pyarrow
@@ -82,7 +83,7 @@ def _tercile(values):
 @pytest.fixture(scope="module")
 def simple40(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("simple40")
-    syn.write_synthetic(root, 40, seed=0, corrupt=2)
+    write_synthetic(root, 40, seed=0, corrupt=2)
     return root
 
 
@@ -98,7 +99,7 @@ def test_simple_world_bytes_identical_to_original_generator(simple40):
 
 
 def test_world_argument_default_and_explicit_simple_agree(tmp_path, simple40):
-    syn.write_synthetic(tmp_path, 40, seed=0, corrupt=2, world="simple")
+    write_synthetic(tmp_path, 40, seed=0, corrupt=2, world="simple")
     assert _files(tmp_path) == _files(simple40)
     assert syn.sample_specs(30, 5) == syn.sample_specs(30, 5, world="simple")
     with pytest.raises(ValueError, match="unknown synthetic world"):
@@ -112,7 +113,7 @@ def rich_specs() -> list[dict]:
 
 
 def test_rich_world_same_seed_same_bytes_other_seed_differs(tmp_path):
-    infos = [syn.write_synthetic(tmp_path / n, 40, seed=s, corrupt=2, shard_size=16, world="rich")
+    infos = [write_synthetic(tmp_path / n, 40, seed=s, corrupt=2, shard_size=16, world="rich")
              for n, s in (("a", 3), ("b", 3), ("c", 4))]
     fa, fb, fc = (_files(tmp_path / n) for n in "abc")
     assert fa == fb and infos[0] == infos[1]
@@ -273,9 +274,9 @@ def test_rich_captions_vary_in_length_and_state_only_true_facts(rich_specs):
 
 
 def test_rich_then_simple_in_one_root_leaves_no_stale_class_or_image(tmp_path):
-    syn.write_synthetic(tmp_path / "mixed", 24, seed=1, corrupt=1, world="rich")
-    syn.write_synthetic(tmp_path / "mixed", 12, seed=1, corrupt=1)
-    syn.write_synthetic(tmp_path / "fresh", 12, seed=1, corrupt=1)
+    write_synthetic(tmp_path / "mixed", 24, seed=1, corrupt=1, world="rich")
+    write_synthetic(tmp_path / "mixed", 12, seed=1, corrupt=1)
+    write_synthetic(tmp_path / "fresh", 12, seed=1, corrupt=1)
     assert _files(tmp_path / "mixed") == _files(tmp_path / "fresh")
     assert sorted(p.name for p in (tmp_path / "mixed/folders").iterdir() if p.is_dir()) == list(syn.SHAPES)
 
@@ -283,6 +284,6 @@ def test_rich_then_simple_in_one_root_leaves_no_stale_class_or_image(tmp_path):
 def test_rich_world_prepares(tmp_path):
     from ldm.stages.prepare import prepare
 
-    syn.write_synthetic(tmp_path / "raw", 24, seed=2, corrupt=3, world="rich")
+    write_synthetic(tmp_path / "raw", 24, seed=2, corrupt=3, world="rich")
     rep = prepare(str(tmp_path / "raw" / "folders"), tmp_path / "prep", resolution=32, crop="random-flip", seed=0)
     assert rep["kept"] == 24 and sum(rep["skipped"].values()) == 3 and rep["classes"] == list(syn.RICH_SHAPES)

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 def cache_config(tmp_path_factory):
     """A smoke config whose workdir holds prepared data, a 2-step VAE and latent caches at 16 and 32 px."""
     from ldm.autoencoder import train_tiny_vae
-    from ldm.data.synthetic import write_synthetic
+    from ldm.data.synthetic_writer import write_synthetic
     from ldm.stages.encode import encode_latents
     from ldm.data.prepared import load_prepared
     from ldm.stages.prepare import prepare

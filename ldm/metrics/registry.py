@@ -127,7 +127,7 @@ def _clip_score(ctx: EvalContext, s: ImageSet) -> dict:
     return {"clip_score": float(clip_score(s.images, class_captions(s.labels, ctx.classes), *ctx.clip).mean())}
 
 
-#: Inception metric -> clean-fid mode (`ldm.metrics.fid.PROTOCOLS` is its inverse; tests/test_metric_registry.py)
+#: Inception metric -> clean-fid mode (`ldm.metrics.inception.PROTOCOLS` is its inverse; tests/test_metric_registry.py)
 INCEPTION_MODES = {"fid_clean": "clean", "fid_legacy_tf": "legacy_tensorflow"}
 #: `evaluation` keys that only the Inception metrics read (`eval_hash_section`)
 INCEPTION_SETTINGS = ("inception_max_images", "inception_snapshots", "inception_seeds")
@@ -135,7 +135,7 @@ INCEPTION_SETTINGS = ("inception_max_images", "inception_snapshots", "inception_
 
 def inception_modes(metrics: Iterable[str]) -> list[str]:
     """The clean-fid modes that the metric names `metrics` ask for, in registry order (for the rules, which must
-    not import `ldm.metrics.fid`: torch)."""
+    not import `ldm.metrics.inception`: torch)."""
     wanted = set(metrics)
     return [mode for name, mode in INCEPTION_MODES.items() if name in wanted]
 
@@ -153,10 +153,10 @@ def eval_hash_section(section: dict) -> dict:
 
 def _inception_fid(mode: str, name: str) -> Compute:
     def compute(ctx: EvalContext, s: ImageSet) -> dict:
-        from .fid import inception_fid
+        from .inception import inception_fid
 
         # the reference of this protocol: `ctx.inception_reference(mode)` (the configured statistics file, else
-        # the cached npz `reference-stats` wrote, `ldm.metrics.fid.inception_reference_path`) where the context
+        # the cached npz `reference-stats` wrote, `ldm.metrics.inception.inception_reference_path`) where the context
         # has it, else `ctx.fid_reference()`
         per_mode = getattr(ctx, "inception_reference", None)
         ref = per_mode(mode) if per_mode is not None else ctx.fid_reference()

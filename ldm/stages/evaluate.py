@@ -35,7 +35,8 @@ from ..layout import data_key
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
 from ..metrics.evaluator import load_evaluator
-from ..metrics.fid import inception_network_identity, inception_statistics, load_stats
+from ..metrics.fid import load_stats
+from ..metrics.inception import inception_network_identity, inception_statistics
 from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics, eval_hash_section, metric,
                                 protocol_texts)
 from ..models.inventory import run_cost

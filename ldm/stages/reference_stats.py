@@ -16,8 +16,8 @@ import numpy as np
 
 from ..data.prepared import REPORT, load_prepared
 from ..metrics.evaluator import WEIGHTS, load_evaluator
-from ..metrics.fid import (PROTOCOLS, inception_reference_path, reference_statistics, save_inception_reference,
-                           save_stats)
+from ..metrics.fid import reference_statistics, save_stats
+from ..metrics.inception import PROTOCOLS, inception_reference_path, save_inception_reference
 from ..provenance import file_sha256
 
 

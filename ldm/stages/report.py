@@ -25,10 +25,12 @@ from ..config import load_scenario  # noqa: E402
 from ..layout import Layout  # noqa: E402
 from ..metrics.registry import curve_metrics, direction_word, lower_is_better  # noqa: E402
 from ..provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ..seed_groups import compare, format_stat, group_records, group_stat, run_group, train_seed  # noqa: E402
 from ..spec import expand_runs  # noqa: E402
-from ..study import (SWEEP_KEYS, compare, format_stat, group_records, group_stat, run_group, train_seed,  # noqa: E402
-                     write_study_report)
+from ..study import write_study_report  # noqa: E402
 from ..verdicts import DEFAULT_MARGIN  # noqa: E402
+
+SWEEP_KEYS = ("guidance_sweep", "guidance_sweep_joint")  # a record's guidance sweeps: two-scale, joint scale
 
 CURVE_METRICS = curve_metrics()  # registry order; directions: ldm.metrics.registry (unknown names raise)
 

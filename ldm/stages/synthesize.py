@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.synthetic import write_synthetic
+from ..data.synthetic_writer import write_synthetic
 
 
 def run(args) -> None:
