@@ -200,6 +200,15 @@ def test_validate_config_lists_each_scenario_of_a_study(capsys):
     assert "ok (24 runs" in out[0] and "ok (16 runs" in out[1]
 
 
+def test_schema_semantic_enum_is_the_models_modes():
+    """Semantic modes live in `ldm.models.conditioning.SEMANTIC_MODES`; the schema's enum must say the same."""
+    from ldm.models.conditioning import SEMANTIC_MODES
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    enum = schema["properties"]["recipes"]["additionalProperties"]["properties"]["semantic"]["enum"]
+    assert enum == [*SEMANTIC_MODES, None]
+
+
 def test_schema_sampler_enums_are_the_spec_table():
     """Sampler names live in `ldm.spec.SAMPLERS`; the schema's enums must say the same."""
     from ldm.spec import SAMPLERS

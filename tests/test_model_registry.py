@@ -17,7 +17,9 @@ from ldm.models.inventory import PUBLISHED_CONDITIONING, PUBLISHED_SIZE
 ROOT = Path(__file__).resolve().parents[1]
 # one JSON record per line: arch, size, options, the config and a digest of the parameter/buffer names and
 # shapes, captured from the model code before the registry refactor (tiny/small: latent 8, 4 channels,
-# 10 classes; published sizes: latent 32, 4 channels, 1000 classes)
+# 10 classes; published sizes: latent 32, 4 channels, 1000 classes). When semantic="attention" became joint
+# attention, the old single-token cross-attention was renamed "cross_attention" (those records: the same
+# layouts under the new name), the improved model's records were re-captured, and joint-attention records added.
 REFERENCE = [json.loads(line) for line in (ROOT / "tests" / "model_registry_reference.jsonl").read_text().splitlines()]
 REFERENCE_ARCHS = {r["arch"] for r in REFERENCE}
 

@@ -171,7 +171,7 @@ def test_semantic_options_and_text_requires_attention():
         PixArt(**BASE, text_dim=32, semantic="adaln")
     with pytest.raises(ValueError, match="unknown semantic"):
         MMDiT(**BASE, semantic="film")
-    assert DiT(**BASE).semantic == "adaln" and PixArt(**BASE).semantic == "attention"
+    assert DiT(**BASE).semantic == "adaln" and PixArt(**BASE).semantic == "cross_attention"
     assert MMDiT(**BASE).semantic == "adaln"
     # PixArt with semantic="adaln" has no cross-attention at all; the class goes to c
     assert all(b.cross_attn is None for b in PixArt(**BASE, semantic="adaln").blocks)

@@ -38,8 +38,8 @@ def text_inputs(seed: int = 2, B: int = 2, L: int = 5, dim: int = 32):
     return torch.randn(B, L, dim, generator=g), mask
 
 
-@pytest.mark.parametrize("arch,cfg", [("mdt", MDT_TINY), ("unet", UNET_TINY)])
-@pytest.mark.parametrize("semantic", ["adaln", "attention"])
+@pytest.mark.parametrize("arch,cfg,semantic", [(a, c, s) for a, c in (("mdt", MDT_TINY), ("unet", UNET_TINY))
+                                               for s in (MDT if a == "mdt" else LDMUNet).semantic_modes])
 def test_forward_shapes_class_and_text_and_config_roundtrip(arch, cfg, semantic):
     cls = MDT if arch == "mdt" else LDMUNet
     x, t, y = inputs()
@@ -160,13 +160,11 @@ def test_mdt_relative_position_bias_and_masked_attention():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("semantic", ["adaln", "attention"])
+@pytest.mark.parametrize("semantic", ["adaln", "attention", "cross_attention"])
 def test_fresh_models_output_zero(semantic):
     x, t, y = inputs()
-    for m in (
-        MDT(**MDT_TINY, semantic=semantic, control_mode="disentangled"),
-        LDMUNet(**UNET_TINY, semantic=semantic, control_mode="disentangled"),
-    ):
+    for m in [cls(**cfg, semantic=semantic, control_mode="disentangled")
+              for cls, cfg in ((MDT, MDT_TINY), (LDMUNet, UNET_TINY)) if semantic in cls.semantic_modes]:
         with torch.no_grad():
             out = m(x, t, y, C1)
             assert torch.equal(out, torch.zeros_like(out)), type(m).__name__
@@ -175,9 +173,9 @@ def test_fresh_models_output_zero(semantic):
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("semantic", ["adaln", "attention"])
+@pytest.mark.parametrize("semantic", MDT.semantic_modes)
 def test_mdt_semantic_route(semantic):
-    """attention: every adaLN regressor sees only time (+ control); the class still changes the output."""
+    """token modes: every adaLN regressor sees only time (+ control); the class still changes the output."""
     m = randomize(MDT(**MDT_TINY, semantic=semantic))
     seen = []
     for block in m.all_blocks():
@@ -192,13 +190,13 @@ def test_mdt_semantic_route(semantic):
         mods_b = list(seen)
     assert len(mods_a) == len(m.all_blocks()) + 1
     same = all(torch.equal(p, q) for p, q in zip(mods_a, mods_b))
-    assert same == (semantic == "attention")
+    assert same == (semantic != "adaln")
     assert (a - b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("semantic", ["adaln", "attention"])
+@pytest.mark.parametrize("semantic", LDMUNet.semantic_modes)
 def test_unet_semantic_route(semantic):
-    """attention: the time embedding fed to the ResBlocks does not depend on the class."""
+    """cross_attention: the time embedding fed to the ResBlocks does not depend on the class."""
     m = randomize(LDMUNet(**UNET_TINY, semantic=semantic))
     temb = []
     m.unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda mod, args: temb.append(args[1]))
@@ -206,7 +204,7 @@ def test_unet_semantic_route(semantic):
     with torch.no_grad():
         a = m(x, t, torch.tensor([1, 2]))
         b = m(x, t, torch.tensor([3, 10]))
-    assert len(temb) == 2 and torch.equal(temb[0], temb[1]) == (semantic == "attention")
+    assert len(temb) == 2 and torch.equal(temb[0], temb[1]) == (semantic != "adaln")
     assert (a - b).abs().max() > 1e-4
 
 

@@ -6,7 +6,7 @@ enough to rebuild it with ``model_from_config``; sizes are presets of the constr
 The contract every architecture keeps (the training loop, samplers and transfer rely on nothing else):
 
 - constructor keywords shared by all: ``latent_size, in_channels, num_classes, text_dim=None,
-  learn_sigma, qk_norm, semantic=None (adaln | attention; None = the architecture's own), control_mode
+  learn_sigma, qk_norm, semantic=None (adaln | attention | cross_attention; None = the architecture's own), control_mode
   (None | additive | disentangled), control_exponents, control_offsets, class_dropout_prob,
   control_dropout_prob, gradient_checkpointing`` (recorded once, by ``base.DiffusionModel.setup``);
   transformers also take ``pos_embed_base``.

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .conditioning import ControlEmbedder, resolve_semantic, semantic_condition
+from .conditioning import SEMANTIC_MODES, ControlEmbedder, resolve_semantic, semantic_condition
 from .layers import CaptionEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 
 __all__ = ["ArchitectureInfo", "DiffusionModel", "PatchTransformer", "constructor_config"]
@@ -61,6 +61,8 @@ class DiffusionModel(nn.Module):
     name: ClassVar[str] = ""
     #: the semantic route when the constructor gets ``semantic=None``
     default_semantic: ClassVar[str] = "adaln"
+    #: the semantic routes the architecture can build (`conditioning.SEMANTIC_MODES`)
+    semantic_modes: ClassVar[tuple[str, ...]] = SEMANTIC_MODES
     #: True: captions can only enter through attention (no pooled caption vector for adaLN)
     text_needs_attention: ClassVar[bool] = True
     #: True: ``set_pos_embed_base`` re-evaluates a sin-cos positional embedding (resolution transfer)
@@ -76,8 +78,8 @@ class DiffusionModel(nn.Module):
         arguments = dict(arguments)
         text_dim = arguments["text_dim"]
         arguments["semantic"] = resolve_semantic(
-            arguments["semantic"], self.default_semantic, text_dim if self.text_needs_attention else None, self.name
-        )
+            arguments["semantic"], self.default_semantic, text_dim if self.text_needs_attention else None, self.name,
+            self.semantic_modes)
         self.config = constructor_config(signature, arguments)
         self.latent_size = arguments["latent_size"]
         self.in_channels = arguments["in_channels"]

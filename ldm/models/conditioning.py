@@ -35,6 +35,7 @@ __all__ = [
     "ControlEmbedder",
     "drop_conditions",
     "SEMANTIC_MODES",
+    "TOKEN_MODES",
     "resolve_semantic",
     "semantic_condition",
 ]
@@ -145,19 +146,27 @@ def drop_conditions(
     return labels, control_keep
 
 
-SEMANTIC_MODES = ("adaln", "attention")
+#: where semantic conditions (class, caption) enter: "adaln" pooled into the modulation vector c; "attention"
+#: as their own token stream in joint attention with the image tokens (`layers.JointAttention`; the paper's
+#: disentangled semantic path); "cross_attention" as keys/values of a cross-attention (PixArt's and LDM's own
+#: route for captions; with a class it is a single key, i.e. a per-sample bias: kept as a named ablation).
+SEMANTIC_MODES = ("adaln", "attention", "cross_attention")
+TOKEN_MODES = ("attention", "cross_attention")  # the modes in which semantics are tokens
 
 
-def resolve_semantic(semantic: str | None, default: str, text_dim: int | None, arch: str) -> str:
+def resolve_semantic(semantic: str | None, default: str, text_dim: int | None, arch: str,
+                     supported: tuple[str, ...] = SEMANTIC_MODES) -> str:
     """The semantic mode a model is built with: ``None`` takes the architecture's own ``default``.
 
-    Text conditioning needs tokens to attend to, so text-conditional models must use "attention".
-    """
+    Text conditioning needs tokens to attend to, so text-conditional models must use a token mode."""
     semantic = default if semantic is None else semantic
     if semantic not in SEMANTIC_MODES:
         raise ValueError(f"unknown semantic mode {semantic!r}; valid: {', '.join(SEMANTIC_MODES)}")
-    if text_dim is not None and semantic != "attention":
-        raise ValueError(f"text-conditional {arch} (text_dim={text_dim}) needs semantic='attention', got {semantic!r}")
+    if semantic not in supported:
+        raise ValueError(f"{arch} has no semantic mode {semantic!r}; valid for {arch}: {', '.join(supported)}")
+    if text_dim is not None and semantic not in TOKEN_MODES:
+        raise ValueError(f"text-conditional {arch} (text_dim={text_dim}) needs semantic='attention' or "
+                         f"'cross_attention', got {semantic!r}")
     return semantic
 
 
@@ -173,8 +182,8 @@ def semantic_condition(
 
     ``y_embedder`` is a ``layers.LabelEmbedder`` (class-conditional) or ``layers.CaptionEmbedder`` (text).
     semantic="adaln": the class embedding (a caption: the masked mean of its projected tokens) joins the
-    timestep embedding (DiT); "attention": it is one token for cross-attention (a caption: its tokens) and the
-    adaLN path never sees it (the paper's disentangled semantic path).
+    timestep embedding (DiT); the token modes: it is one token (a caption: its tokens) for joint or cross
+    attention, and the adaLN path never sees it.
     """
     if isinstance(y_embedder, CaptionEmbedder):
         if text is None:

@@ -13,9 +13,11 @@ Differences from the reference, on purpose:
 - inputs whose latent size differs from the configured one get an embedding at the same coordinate
   spacing as the configured grid, instead of an error;
 - ``semantic="attention"`` (the paper's disentangled semantic path): the class embedding (or the projected
-  caption tokens when ``text_dim`` is set) enters through a cross-attention layer in every block, placed as in
-  PixArt (after self-attention, no norm, no gate, zero-initialised output), and c no longer depends on it.
-  ``semantic="adaln"`` (default) is the reference DiT and is unchanged.
+  caption tokens when ``text_dim`` is set) joins the keys of every block's self-attention
+  (``layers.SemanticKeys``: its own norm and projections), and c no longer depends on it.
+  ``semantic="cross_attention"`` (ablation): a cross-attention layer to those tokens in every block, placed as
+  in PixArt (after self-attention, no norm, no gate, zero-initialised output); with one class token it is a
+  per-sample bias. ``semantic="adaln"`` (default) is the reference DiT and is unchanged.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from .base import ArchitectureInfo, PatchTransformer
-from .layers import Attention, CrossAttention, FinalLayer, Mlp, modulate, unpatchify, xavier_linears, zero_module
+from .layers import (Attention, CrossAttention, FinalLayer, Mlp, SemanticKeys, modulate, unpatchify, xavier_linears,
+                     zero_module)
 
 __all__ = ["DiT", "DIT_SIZES", "FinalLayer", "ARCHITECTURE"]
 
@@ -39,16 +42,20 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm transformer block; adaLN-Zero modulation of both branches from the conditioning c, and with
-    ``cross=True`` a cross-attention to the semantic tokens between them (semantic="attention")."""
+    """Pre-norm transformer block; adaLN-Zero modulation of both branches from the conditioning c. The
+    semantic tokens join the self-attention's keys (semantic="attention") or get a cross-attention between
+    the branches (semantic="cross_attention"); with "adaln" there are none."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, cross: bool = False
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+        semantic: str = "adaln",
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if cross else None
+        self.semantic_keys = SemanticKeys(hidden_size, num_heads, qk_norm=qk_norm) if semantic == "attention" else None
+        self.cross_attn = (CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if semantic == "cross_attention"
+                           else None)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -57,7 +64,8 @@ class DiTBlock(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        joint = None if self.semantic_keys is None else self.semantic_keys(context)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), joint, mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -65,7 +73,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(PatchTransformer):
-    """DiT on latents (B, C, H, W), class- or (semantic="attention") text-conditional; constructor keywords are
+    """DiT on latents (B, C, H, W), class- or (a token semantic mode) text-conditional; constructor keywords are
     ``PatchTransformer``'s and ``config`` rebuilds it via ``model_from_config``."""
 
     arch = "dit"
@@ -76,8 +84,8 @@ class DiT(PatchTransformer):
         hidden_size = self.hidden_size
         self.y_embedder = self.make_label_or_caption_embedder(hidden_size, null_caption_tokens)
         self.control_embedder = self.make_control_embedder(hidden_size)
-        cross = self.semantic == "attention"
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, self.semantic)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, self.patch_size, self.out_channels)
 
     def initialize_weights(self) -> None:

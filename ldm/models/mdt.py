@@ -30,8 +30,9 @@ the objective adds a second pass with ``mask_generator=generator`` whenever
 
 Differences from the reference, on purpose: null class row always present and dropout done by the caller;
 optional control metadata (``conditioning.ControlEmbedder`` added to c), QK-norm, text conditioning, and
-``semantic="attention"`` (class embedding or projected caption as cross-attention context in every block,
-adaLN then sees only time + control); the 3 unused BEiT class-token rows of each relative-position table
+``semantic="attention"`` (class embedding or projected caption joining every block's self-attention keys, no
+position bias on them; adaLN then sees only time + control) or ``"cross_attention"`` (as cross-attention
+context, the ablation); the 3 unused BEiT class-token rows of each relative-position table
 are dropped (3 x heads params per block); inputs must have the configured grid (the learned tables are
 grid-shaped).
 """
@@ -46,7 +47,8 @@ from torch import nn
 from .base import ArchitectureInfo, DiffusionModel
 from .conditioning import SEMANTIC_MODES
 from .layers import (Attention, CaptionEmbedder, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                     TimestepEmbedder, modulate, sincos_2d, unpatchify, xavier_linears, zero_module)
+                     SemanticKeys, TimestepEmbedder, joint_keys, modulate, sincos_2d, unpatchify, xavier_linears,
+                     zero_module)
 
 __all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table", "ARCHITECTURE"]
 
@@ -102,7 +104,11 @@ class SelfAttention(Attention):
         super().__init__(dim, num_heads, qkv_bias=True, qk_norm=bool(qk_norm))  # any qk_norm is LayerNorm here
         self.rel_pos_bias = RelativePositionBias(grid, num_heads)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                semantic_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                semantic_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of the kept tokens; with ``semantic_kv`` a joint attention whose semantic keys get
+        no position bias (``layers.joint_keys``)."""
         B, N, D = x.shape
         q, k, v = self.qkv_heads(x)
         bias = self.rel_pos_bias().unsqueeze(0)  # (1, H, Nfull, Nfull)
@@ -111,21 +117,25 @@ class SelfAttention(Attention):
             rows = ids_keep[:, None, :, None].expand(B, H, N, Nf)
             bias = torch.gather(bias.expand(B, H, Nf, Nf), 2, rows)
             bias = torch.gather(bias, 3, ids_keep[:, None, None, :].expand(B, H, N, N))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        k, v, mask = joint_keys(k, v, semantic_kv, semantic_mask, bias.to(q.dtype))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
 class MDTBlock(nn.Module):
-    """DiT adaLN-Zero block with relative-position self-attention, optional skip fusion and cross-attention."""
+    """DiT adaLN-Zero block with relative-position self-attention, optional skip fusion, and the semantic tokens
+    joining the self-attention's keys (semantic="attention") or in a cross-attention ("cross_attention")."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float, qk_norm: bool, skip: bool, cross: bool
+        self, hidden_size: int, num_heads: int, grid: int, mlp_ratio: float, qk_norm: bool, skip: bool, semantic: str
     ):
         super().__init__()
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden_size, num_heads, grid, qk_norm)
-        if cross:
+        self.semantic_keys = (SemanticKeys(hidden_size, num_heads, qk_norm=bool(qk_norm)) if semantic == "attention"
+                              else None)
+        if semantic == "cross_attention":
             self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
             self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm)
         else:
@@ -146,7 +156,9 @@ class MDTBlock(nn.Module):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        joint = None if self.semantic_keys is None else self.semantic_keys(context)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep, joint,
+                                                  context_mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -199,7 +211,6 @@ class MDT(DiffusionModel):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.grid_size = g = latent_size // patch_size
-        cross = self.semantic == "attention"
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -211,7 +222,7 @@ class MDT(DiffusionModel):
         half = (depth - decode_layers) // 2
 
         def block(skip: bool) -> MDTBlock:
-            return MDTBlock(hidden_size, num_heads, g, mlp_ratio, qk_norm, skip, cross)
+            return MDTBlock(hidden_size, num_heads, g, mlp_ratio, qk_norm, skip, self.semantic)
 
         self.en_inblocks = nn.ModuleList(block(False) for _ in range(half))
         self.en_outblocks = nn.ModuleList(block(True) for _ in range(half))

@@ -127,6 +127,7 @@ class MMDiT(PatchTransformer):
     arch = "mmdit"
     name = "MMDiT"
     default_semantic = "adaln"
+    semantic_modes = ("adaln", "attention")  # the context stream is its own joint attention
     text_needs_attention = False
 
     def build_layers(self, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, null_caption_tokens: int):

@@ -13,9 +13,10 @@ Parameter names follow the reference (``t_block.1``, ``blocks.i.scale_shift_tabl
 by name (its ``pos_embed`` is not needed; its ``y_embedder.y_embedding`` of 120 tokens loads with
 ``null_caption_tokens=120``). ``from_diffusers_state_dict`` maps diffusers' ``PixArtTransformer2DModel``.
 
-Class-conditional use (``text_dim`` None), our extension: semantic="attention" (default, PixArt's own way of
-conditioning) feeds the class embedding as one cross-attention token; "adaln" adds it to c instead and the
-blocks have no cross-attention. Control metadata (``conditioning.ControlEmbedder``) is added to c before
+semantic="cross_attention" (default) is PixArt's own route; class-conditional use (``text_dim`` None) is our
+extension, where it feeds the class embedding as one cross-attention token (a per-sample bias: softmax over
+one key). "attention" instead joins the semantic tokens to the self-attention's keys (``layers.SemanticKeys``)
+and has no cross-attention; "adaln" adds the class to c and the blocks have no semantic tokens. Control metadata (``conditioning.ControlEmbedder``) is added to c before
 ``t_block``, where PixArt-α's 1024-px model adds its size/aspect-ratio micro-conditions.
 
 Sizes: XL/2 = 28 blocks, width 1152, 16 heads, patch 2 (reference code ``PixArt_XL_2`` in PixArt-alpha
@@ -32,7 +33,7 @@ from torch import nn
 
 from .base import ArchitectureInfo, PatchTransformer
 from .dit import DIT_SIZES
-from .layers import Attention, CrossAttention, Mlp, unpatchify, xavier_linears, zero_module
+from .layers import Attention, CrossAttention, Mlp, SemanticKeys, unpatchify, xavier_linears, zero_module
 
 __all__ = ["PixArt", "PIXART_SIZES", "ARCHITECTURE"]
 
@@ -46,13 +47,16 @@ def _t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
 
 
 class PixArtBlock(nn.Module):
-    """Self-attention, cross-attention (if the model has semantic tokens), MLP; adaLN-single modulation."""
+    """Self-attention (joint with the semantic tokens with semantic="attention"), cross-attention (with
+    "cross_attention"), MLP; adaLN-single modulation."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, cross: bool):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, semantic: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if cross else None
+        self.semantic_keys = SemanticKeys(hidden_size, num_heads, qk_norm=qk_norm) if semantic == "attention" else None
+        self.cross_attn = (CrossAttention(hidden_size, num_heads, qk_norm=qk_norm) if semantic == "cross_attention"
+                           else None)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
@@ -63,7 +67,8 @@ class PixArtBlock(nn.Module):
         B = x.shape[0]
         mod = self.scale_shift_table[None] + t0.reshape(B, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(_t2i_modulate(self.norm1(x), shift_msa, scale_msa))
+        joint = None if self.semantic_keys is None else self.semantic_keys(context)
+        x = x + gate_msa * self.attn(_t2i_modulate(self.norm1(x), shift_msa, scale_msa), joint, mask)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, mask)
         x = x + gate_mlp * self.mlp(_t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -90,15 +95,15 @@ class PixArt(PatchTransformer):
 
     arch = "pixart"
     name = "PixArt"
-    default_semantic = "attention"
+    default_semantic = "cross_attention"
 
     def build_layers(self, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, null_caption_tokens: int):
         hidden_size = self.hidden_size
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = self.make_label_or_caption_embedder(hidden_size, null_caption_tokens)
         self.control_embedder = self.make_control_embedder(hidden_size)
-        cross = self.semantic == "attention"
-        self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, qk_norm, cross) for _ in range(depth))
+        self.blocks = nn.ModuleList(PixArtBlock(hidden_size, num_heads, mlp_ratio, qk_norm, self.semantic)
+                                    for _ in range(depth))
         self.final_layer = T2IFinalLayer(hidden_size, self.patch_size, self.out_channels)
 
     def initialize_weights(self) -> None:

@@ -13,11 +13,14 @@ As in LDM, the output conv, every ResBlock's second conv and every transformer's
 zero (``zero_module``), so a fresh model outputs 0.
 
 Conditioning routes (``semantic``):
-- ``attention`` (default, LDM's own): the class embedding (context_dim) is the single context token; with
-  ``text_dim`` set, caption tokens are projected to context_dim, dropped captions use a learned null token;
+- ``cross_attention`` (default, LDM's own): the class embedding (context_dim) is the single context token
+  (softmax over one key: a per-sample bias, as in cin256-v2); with ``text_dim`` set, caption tokens are
+  projected to context_dim, dropped captions use a learned null token;
 - ``adaln``: the class embedding (or the masked mean of the projected caption) is added to the time
   embedding, as ADM/LDM do for ``num_classes``; the cross-attention layers stay and attend to one learned
   constant token, so both routes share one backbone and an ablation changes only where semantics enter.
+- ``attention`` (joint attention, ``layers.SemanticKeys``) is not built for the UNet: diffusers' attention
+  blocks would need their own processor and per-stream projections; LDM's route is cross-attention.
 Control metadata (``conditioning.ControlEmbedder``) is added to the time embedding; it reaches diffusers as
 an extra additive embedding through ``class_embed_type="identity"`` (no parameters), so with nothing extra
 the wrapper computes exactly what a plain ``UNet2DConditionModel`` with the same weights does.
@@ -86,7 +89,8 @@ class LDMUNet(DiffusionModel):
 
     arch = "unet"
     name = "UNet"
-    default_semantic = "attention"
+    default_semantic = "cross_attention"
+    semantic_modes = ("adaln", "cross_attention")
     text_needs_attention = False  # adaLN gets the masked mean of the projected caption
 
     def __init__(
@@ -125,7 +129,7 @@ class LDMUNet(DiffusionModel):
             class_embed_type="identity",
         )
         temb = self.unet.time_embedding.linear_2.out_features
-        sem_dim = context_dim if self.semantic == "attention" else temb
+        sem_dim = context_dim if self.semantic == "cross_attention" else temb
         if text_dim is None:
             self.y_embedder = LabelEmbedder(num_classes, sem_dim)
         else:
