@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON list, one object per architecture and size")
     p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
     p.add_argument("--size", action="append", help="only this size name (repeatable)")
+    p = add("recipes", "each architecture's own published recipe (training, sampling, guidance), every value with "
+            "its source or why it is assumed")
+    p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
+    p.add_argument("--assumed", action="store_true", help="only the values no source states")
+    p.add_argument("--json", action="store_true", help="one JSON list, one object per value")
     return parser
 
 

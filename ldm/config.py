@@ -17,6 +17,7 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError
+from .published_recipes import own_recipe_defaults
 from .spec import SAMPLERS, Scenario, expand_runs, sampler_for
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -42,6 +43,9 @@ DEFAULTS: dict = {
         "sampler": "ddim", "steps": 50, "guidance": 1.5, "guidance_control": 1.0,
         "num_samples": 256, "seeds": [0, 1, 2], "original_size": 256, "batch_size": 64,
         "guidance_sweep": [], "guidance_sweep_joint": False, "guidance_interval": None, "size_conditions": [],
+        # mDT's power-cosine ramp (`ldm.sampling.guidance_scale`); guided latent channels (None: all)
+        "guidance_schedule": "constant", "guidance_power": None, "guidance_channels": None,
+        "labels": "balanced",  # class labels of the samples: balanced (i mod K) or random (DiT's sample_ddp.py)
     },
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
                    # Inception FIDs (fid_clean, fid_legacy_tf): real images cached (None: all), final snapshot only,
@@ -52,7 +56,8 @@ DEFAULTS: dict = {
 }
 RECIPE_DEFAULTS = {
     "objective": "ddpm", "conditioning": "class", "semantic": None, "control": "additive",
-    "control_exponents": {}, "control_offsets": {}, "text_padding": "noisy_replicate", "text_pad_sigma": 0.1,
+    "control_exponents": {}, "control_offsets": {}, "control_flip": True,
+    "text_padding": "noisy_replicate", "text_pad_sigma": 0.1,
     "class_dropout": 0.1, "control_dropout": 0.1, "qk_norm": False, "gradient_checkpointing": False, "options": {},
 }
 STAGE_DEFAULTS = {"crop": "center", "pos_embed": "interpolate", "schedule_shift": "none"}
@@ -106,8 +111,14 @@ def validate(config: dict, source: str = "config") -> dict:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     full = merge(DEFAULTS, config)
-    for name in full["recipes"]:
-        full["recipes"][name] = merge(RECIPE_DEFAULTS, full["recipes"][name])
+    for name, recipe in full["recipes"].items():
+        if recipe.get("own_recipe"):  # the architecture's published recipe, under what the config sets itself
+            recipe = merge(own_recipe_defaults(recipe["arch"]), recipe)
+        full["recipes"][name] = merge(RECIPE_DEFAULTS, recipe)
+        sampling = {**full["sampling"], **full["recipes"][name].get("sampling", {})}
+        if sampling["guidance_schedule"] == "power_cosine" and sampling["guidance_power"] is None:
+            raise ConfigError(f"{source}: recipes.{name}: guidance_schedule 'power_cosine' needs a guidance_power "
+                              "(mDT-v2: 4)")
     for name, stage in full["stages"].items():
         full["stages"][name] = merge(STAGE_DEFAULTS, stage)
         init = stage.get("init")
@@ -143,14 +154,20 @@ def validate(config: dict, source: str = "config") -> dict:
 
 
 def _check_batch_split(config: dict, source: str) -> None:
-    """Each stage's global batch must split evenly over its processes (GPUs x nodes) and micro-batches."""
-    batch, accum = config["training"]["batch_size"], config["training"]["grad_accum"]
+    """Each stage's global batch (a recipe's own or `training`'s) must split evenly over its processes (GPUs x
+    nodes) and micro-batches."""
+    accum = config["training"]["grad_accum"]
+    batches = {"training.batch_size": config["training"]["batch_size"]}
+    for recipe, section in config["recipes"].items():
+        if "batch_size" in (section.get("training") or {}):
+            batches[f"recipes.{recipe}.training.batch_size"] = section["training"]["batch_size"]
     for name in config["stages"]:
         res = job_resources(config, "train", name)
         world = max(int(res.get("gpus", 0)), 1) * int(res.get("nodes", 1))
-        if batch % (world * accum):
-            raise ConfigError(f"{source}: training.batch_size: {batch} is not divisible by stage {name}'s {world} "
-                              f"process(es) x training.grad_accum {accum}")
+        for field, batch in batches.items():
+            if batch % (world * accum):
+                raise ConfigError(f"{source}: {field}: {batch} is not divisible by stage {name}'s {world} "
+                                  f"process(es) x training.grad_accum {accum}")
 
 
 def _study_refs(study: dict):

@@ -89,20 +89,24 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 class DDPMObjective:
     """Epsilon-prediction MSE on diffusers' DDPM schedule (DiT: linear betas 1e-4..0.02, 1000 steps;
-    ``beta_schedule="cosine"`` is Nichol & Dhariwal's, diffusers' ``squaredcos_cap_v2``). A model returning
-    2C channels (learned sigma) adds the VLB term (module docstring) so its sigma head trains.
+    ``beta_schedule="cosine"`` is Nichol & Dhariwal's, diffusers' ``squaredcos_cap_v2``; ``"scaled_linear"`` is
+    LDM's: linear in sqrt(beta) from 0.0015 to 0.0195, computed in float64 as latent-diffusion's
+    ``make_beta_schedule("linear")`` does, where diffusers' ``scaled_linear`` rounds through float32). A model
+    returning 2C channels (learned sigma) adds the VLB term (module docstring) so its sigma head trains.
     """
 
     kind = "ddpm"
-    BETA_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2")
+    BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+    #: (beta_start, beta_end) when the caller gives none: DiT/ADM's linear range, LDM's cin256-v2 range
+    BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.0015, 0.0195)}
 
     def __init__(
         self,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         resolution_shift: float = 1.0,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         vlb_lambda: float = 1e-3,
     ):
         if beta_schedule not in self.BETA_SCHEDULES:
@@ -113,13 +117,20 @@ class DDPMObjective:
         self.beta_schedule = beta_schedule
         self.resolution_shift = float(resolution_shift)
         self.vlb_weight = float(vlb_lambda) * num_train_timesteps
-        base = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule="squaredcos_cap_v2" if beta_schedule == "cosine" else beta_schedule,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            clip_sample=False,
-        )
+        start, end = self.BETA_RANGES.get(beta_schedule, self.BETA_RANGES["linear"])
+        start, end = start if beta_start is None else beta_start, end if beta_end is None else beta_end
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+            base = DDPMScheduler(num_train_timesteps=num_train_timesteps, trained_betas=betas.tolist(),
+                                 clip_sample=False)
+        else:
+            base = DDPMScheduler(
+                num_train_timesteps=num_train_timesteps,
+                beta_schedule="squaredcos_cap_v2" if beta_schedule == "cosine" else beta_schedule,
+                beta_start=start,
+                beta_end=end,
+                clip_sample=False,
+            )
         if self.resolution_shift == 1.0:
             self.scheduler = base
         else:

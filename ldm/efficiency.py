@@ -30,10 +30,12 @@ def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tu
     if len(finals) != sum(len(g) for g in groups.values()):
         return None, {}
     level = min(finals) if registry.better_sign(metric) > 0 else max(finals)
-    batch = config["training"]["batch_size"]
+    def batch(record: dict) -> int:  # a recipe's own batch (`recipes.<name>.training`), else `training`
+        own = (config["recipes"].get(record["recipe"], {}).get("training") or {}).get("batch_size")
+        return own or config["training"]["batch_size"]
 
     def cost(record: dict, steps: int) -> tuple[int, float | None]:
-        images = steps * batch
+        images = steps * batch(record)
         gflops = (record.get("model") or {}).get("train_gflops_per_image")
         flops = None if gflops is None else images * gflops * 1e9
         init = by_run.get(record.get("init_run") or "")

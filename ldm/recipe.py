@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .control import mirror_flipped
+from .control import FLIP, mirror_flipped
 from .diffusion import build_objective
 from .errors import ConfigError
 from .data.latent_cache import sample_latents
@@ -70,6 +70,8 @@ def training_inputs(recipe: Recipe, batch: dict, generator: torch.Generator, num
     setting, so two recipes that differ only in it see the same batches."""
     x0, flipped = sample_latents(batch, generator=generator, scaling_factor=scaling_factor, shift_factor=shift_factor)
     control = mirror_flipped(batch["control"].float(), flipped)
+    if recipe.control_flip is False:  # the ablation: the model is never told that an image was mirrored
+        control[:, FLIP] = 0.0
     labels, control_keep = drop_conditions(batch["label"].long(), num_classes=num_classes,
                                            class_dropout_prob=recipe.class_dropout,
                                            control_dropout_prob=recipe.control_dropout, generator=generator)

@@ -8,6 +8,14 @@ via ``control_keep = 0``:
 Only the passes the formula needs are run (g_sem = g_ctrl = 1: the conditional pass alone; no control or
 g_ctrl = 1: two passes), batched into one forward call. For a learned-sigma model only the first C
 channels are guided; the variance channels come from the conditional pass (as DiT's sampler).
+``guided_channels=k`` guides only the first k latent channels and takes the rest from the conditional pass:
+DiT's, mDT's and PixArt's ``forward_with_cfg`` guide 3 of 4 channels "for exact reproducibility", which their
+published FIDs depend on.
+
+Guidance schedules (``guidance_scale``): "constant", or mDT-v2's "power_cosine", which raises each scale g
+from 1 at pure noise to g at the clean end: (g - 1) * (1 - cos(pi * (1 - t / 1000) ** p)) / 2 + 1, with t the
+model time (DDPM timestep; flow: 999 * t) and p = 4 in mDT's ``forward_with_cfg`` (``scale_pow``). Both scales
+(semantic and control) follow it.
 
 Samplers. DDPM objective: ``ddim`` (diffusers DDIMScheduler, eta 0, "trailing" spacing so the first step
 is t = 999, final step to alpha = 1 so the result is the model's x0), ``dpm`` (DPMSolverMultistepScheduler,
@@ -41,6 +49,7 @@ floating-point operations on the same operands whatever ``batch_size`` is: ident
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +59,8 @@ from .control import check_shape
 from .diffusion import DDPMObjective, RectifiedFlowObjective, shift_flow_time
 from .spec import SAMPLERS as CONFIG_SAMPLERS
 
-__all__ = ["sample_latents", "guided_prediction", "SAMPLERS", "FORWARD_BATCH", "in_interval"]
+__all__ = ["sample_latents", "guided_prediction", "guidance_scale", "SAMPLERS", "FORWARD_BATCH", "in_interval",
+           "GUIDANCE_SCHEDULES"]
 
 #: Samplers per objective kind: what configs may name (`ldm.spec.SAMPLERS`), plus "ddim" for flow, accepted as
 #: a synonym (DDIM with eta 0 on the straight path is the Euler step).
@@ -59,6 +69,20 @@ SAMPLERS = {"ddpm": CONFIG_SAMPLERS["ddpm"], "flow": (*CONFIG_SAMPLERS["rectifie
 #: tiny-DiT calls on one CPU thread (measured 228 and 213 images/s against 154 at 32).
 FORWARD_BATCH = 16
 TIME_NORM = 999.0  # model time of pure noise (both objectives)
+GUIDANCE_SCHEDULES = ("constant", "power_cosine")
+SCHEDULE_STEPS = 1000.0  # mDT's `diffusion_steps`: the power-cosine schedule's time unit
+
+
+def guidance_scale(scale: float, t_model: float, schedule: str = "constant", power: float | None = None) -> float:
+    """The guidance scale at model time ``t_model`` (module docstring): constant, or mDT's power-cosine ramp."""
+    if schedule == "constant":
+        return float(scale)
+    if schedule != "power_cosine":
+        raise ValueError(f"unknown guidance schedule {schedule!r}; valid: {', '.join(GUIDANCE_SCHEDULES)}")
+    if power is None or power <= 0:
+        raise ValueError(f"the power_cosine guidance schedule needs a power > 0, got {power}")
+    ramp = (1.0 - math.cos(((1.0 - float(t_model) / SCHEDULE_STEPS) ** power) * math.pi)) / 2.0
+    return (float(scale) - 1.0) * ramp + 1.0
 
 
 def guided_prediction(
@@ -73,11 +97,13 @@ def guided_prediction(
     text: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
     micro_batch: int | None = None,
+    guided_channels: int | None = None,
 ) -> torch.Tensor:
     """Two-scale guided model output for a batch, running only the passes the scales need.
 
     With ``micro_batch`` the rows are evaluated in consecutive groups of that many (each group's passes in
     one call), so a row's result depends only on its group, not on the batch size (module docstring).
+    ``guided_channels`` (None = all): how many leading latent channels are guided.
     """
     B = x.shape[0]
     m = B if micro_batch is None else micro_batch
@@ -86,7 +112,8 @@ def guided_prediction(
             return None if v is None else v[s]
         outs = [guided_prediction(model, x[s:s + m], t_model[s:s + m], rows(class_labels, slice(s, s + m)),
                                   rows(control, slice(s, s + m)), guidance_semantic, guidance_control,
-                                  text=rows(text, slice(s, s + m)), text_mask=rows(text_mask, slice(s, s + m)))
+                                  text=rows(text, slice(s, s + m)), text_mask=rows(text_mask, slice(s, s + m)),
+                                  guided_channels=guided_channels)
                 for s in range(0, B, m)]
         return torch.cat(outs)
     C = x.shape[1]
@@ -123,6 +150,8 @@ def guided_prediction(
     else:
         e_nc, e_nn = outs[1][:, :C], outs[2][:, :C]
         guided = e_nn + guidance_control * (e_nc - e_nn) + guidance_semantic * (e_yc - e_nc)
+    if guided_channels is not None and guided_channels < C:
+        guided = torch.cat([guided[:, :guided_channels], e_yc[:, guided_channels:]], dim=1)
     return torch.cat([guided, outs[0][:, C:]], dim=1) if outs[0].shape[1] > C else guided
 
 
@@ -143,14 +172,18 @@ def _ddpm_scheduler(objective: DDPMObjective, sampler: str, learn_sigma: bool):
     return DDPMScheduler(**kw, clip_sample=False, variance_type=variance, timestep_spacing="linspace")
 
 
-def _sample_batch(model, objective, cond, noise, gens, steps, g_sem, g_ctrl, sampler, interval, micro_batch):
+def _sample_batch(model, objective, cond, noise, gens, steps, g_sem, g_ctrl, sampler, interval, micro_batch,
+                  guidance):
     dev = noise.device
     dtype = next(model.parameters()).dtype
 
     def predict(x, t_model, level):
         gs, gc = (g_sem, g_ctrl) if in_interval(level, interval) else (1.0, 1.0)
+        at = float(t_model[0])  # every row of a batch is at the same step
+        gs, gc = (guidance_scale(g, at, guidance["schedule"], guidance["power"]) for g in (gs, gc))
         return guided_prediction(model, x.to(dtype), t_model, cond["labels"], cond["control"], gs, gc,
-                                 text=cond["text"], text_mask=cond["text_mask"], micro_batch=micro_batch)
+                                 text=cond["text"], text_mask=cond["text_mask"], micro_batch=micro_batch,
+                                 guided_channels=guidance["channels"])
 
     if objective.kind == "flow":
         ts = shift_flow_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), objective.shift)
@@ -191,11 +224,15 @@ def sample_latents(
     micro_batch: int = FORWARD_BATCH,
     text: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
+    guidance_schedule: str = "constant",
+    guidance_power: float | None = None,
+    guidance_channels: int | None = None,
 ) -> torch.Tensor:
     """Sample N latents (N, C, h, w), float32, on the model's device; model in eval mode, no grad.
 
     ``class_labels`` (N,) or, for a text model, None with ``text`` (N, L, D) and ``text_mask`` (N, L).
     ``batch_size`` is rounded up to a multiple of ``micro_batch`` (see the module docstring).
+    ``guidance_schedule``/``guidance_power``: `guidance_scale`; ``guidance_channels``: `guided_prediction`.
     """
     if class_labels is None and text is None:
         raise ValueError("need class_labels (class model) or text (text model)")
@@ -212,6 +249,10 @@ def sample_latents(
     if guidance_interval is not None and not (len(guidance_interval) == 2
                                               and 0 <= guidance_interval[0] <= guidance_interval[1] <= 1):
         raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {guidance_interval}")
+    guidance_scale(2.0, 0.0, guidance_schedule, guidance_power)  # a bad schedule fails before any compute
+    if guidance_channels is not None and not 1 <= guidance_channels <= latent_shape[0]:
+        raise ValueError(f"guidance_channels must be in 1..{latent_shape[0]} (latent channels), got {guidance_channels}")
+    guidance = {"schedule": guidance_schedule, "power": guidance_power, "channels": guidance_channels}
     batch_size = -(-batch_size // micro_batch) * micro_batch  # whole forward groups per batch
     dev = next(model.parameters()).device
     was_training = model.training
@@ -228,7 +269,7 @@ def sample_latents(
                         "text": None if text is None else text[idx].to(dev),
                         "text_mask": None if text_mask is None else text_mask[idx].to(dev)}
                 x = _sample_batch(model, objective, cond, noise, gens, steps, guidance_semantic, guidance_control,
-                                  sampler, guidance_interval, micro_batch)
+                                  sampler, guidance_interval, micro_batch, guidance)
                 out.append(x.float())
     finally:
         model.train(was_training)

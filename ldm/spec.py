@@ -45,6 +45,7 @@ class Recipe:
     control: str
     control_exponents: dict
     control_offsets: dict
+    control_flip: bool | None
     text_padding: str
     text_pad_sigma: float
     class_dropout: float
@@ -55,6 +56,10 @@ class Recipe:
     options: dict
     stages: list | None
     train_seeds: list | None
+    own_recipe: bool | None  # filled in by `ldm.config.validate` from `ldm.published_recipes`
+    training: dict | None  # this recipe's own training settings (override `training`)
+    sampling: dict | None  # this recipe's own sampling settings (override `sampling`)
+    schedule_shift: Any  # overrides the stage's (e.g. "none": a baseline that never shifts its schedule)
 
     @property
     def text_conditional(self) -> bool:
@@ -237,10 +242,20 @@ class Scenario:
     def sampler(self, run: Run) -> str:
         return sampler_for(self.config, run.recipe)
 
+    def training(self, run: Run) -> dict:
+        """`training` with the recipe's own settings over it (a baseline's published optimiser, batch, EMA)."""
+        return {**self.config["training"], **(self.recipe(run).training or {})}
+
+    def sampling(self, run: Run) -> dict:
+        """`sampling` with the recipe's own settings over it (steps, guidance and its schedule and channels)."""
+        return {**self.config["sampling"], **(self.recipe(run).sampling or {})}
+
     def schedule_shift(self, run: Run) -> float:
-        """The stage's noise-schedule shift factor; `auto` = resolution / low resolution (PAPER.md:
-        SD3's t' = a t / (1 + (a - 1) t) for flow with a = sqrt(N'/N) tokens, log-SNR - 2 log a for DDPM)."""
-        shift = self.stage(run).schedule_shift
+        """The noise-schedule shift factor (the recipe's `schedule_shift`, else the stage's); `auto` = resolution
+        / low resolution (PAPER.md: SD3's t' = a t / (1 + (a - 1) t) for flow with a = sqrt(N'/N) tokens,
+        log-SNR - 2 log a for DDPM)."""
+        own = self.recipe(run).schedule_shift
+        shift = own if own is not None else self.stage(run).schedule_shift
         if shift == "none":
             return 1.0
         if shift == "auto":
@@ -248,8 +263,9 @@ class Scenario:
         return float(shift)
 
     def base_lr(self, run: Run) -> float:
+        """The stage's lr (fine-tuning), else the recipe's own, else `training.lr`."""
         lr = self.stage(run).lr
-        return lr if lr is not None else self.config["training"]["lr"]
+        return lr if lr is not None else self.training(run)["lr"]
 
     def data_section(self) -> dict:
         config = self.config

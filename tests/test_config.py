@@ -142,13 +142,13 @@ def test_paper_study_runs_each_scenario_as_a_prefixed_module(tmp_path):
     from ldm.config import study_scenarios
 
     scenarios = study_scenarios(yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
-    assert {name: len(expand_runs(cfg)) for name, cfg in scenarios.items()} == {"imagenet1k": 26, "cc12m": 16}
+    assert {name: len(expand_runs(cfg)) for name, cfg in scenarios.items()} == {"imagenet1k": 30, "cc12m": 16}
     out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"), "--directory",
                                       str(tmp_path), "--configfile", str(REPO / "config" / "paper.yaml"),
                                       "--quiet", "rules"], capture_output=True, text=True, check=True)
     counts = _job_counts(out.stdout)
-    assert counts["imagenet1k_train"] == 26 and counts["cc12m_train"] == 16 and counts["all"] == 1
-    assert counts["imagenet1k_sample"] == counts["imagenet1k_evaluate"] == 26
+    assert counts["imagenet1k_train"] == 30 and counts["cc12m_train"] == 16 and counts["all"] == 1
+    assert counts["imagenet1k_sample"] == counts["imagenet1k_evaluate"] == 30
 
 
 def test_study_scenarios_may_not_share_a_workdir():
@@ -197,7 +197,7 @@ def test_validate_config_lists_each_scenario_of_a_study(capsys):
     assert main(["validate-config", str(REPO / "config" / "paper.yaml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].rsplit(" ", 1)[-1] for line in out] == ["imagenet1k", "cc12m"]
-    assert "ok (26 runs" in out[0] and "ok (16 runs" in out[1]
+    assert "ok (30 runs" in out[0] and "ok (16 runs" in out[1]
 
 
 def test_schema_semantic_enum_is_the_models_modes():

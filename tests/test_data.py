@@ -260,7 +260,9 @@ def test_random_flip_mirrors_the_random_crop():
     for s in range(40):
         a, ma = crop_and_resize(img, 32, "random", np.random.default_rng(s))
         b, mb = crop_and_resize(img, 32, "random-flip", np.random.default_rng(s))
-        assert {k: v for k, v in mb.items() if k != "flip"} == {k: v for k, v in ma.items() if k != "flip"}
+        # a mirrored crop's box is mirrored in the original's frame: left' = orig_w - left - width
+        mirrored_left = ma["orig_w"] - ma["crop_left"] - ma["crop_w"]
+        assert mb == {**ma, "flip": mb["flip"], "crop_left": mirrored_left if mb["flip"] else ma["crop_left"]}
         expect = np.asarray(a)[:, ::-1] if mb["flip"] else np.asarray(a)
         assert np.array_equal(np.asarray(b), expect)
         flips.append(mb["flip"])
@@ -485,11 +487,11 @@ def test_images_without_class_subfolders_is_one_line(tmp_path, capsys):
 def test_missing_latent_shard_ends_with_how_to_recover(tmp_path):
     """A deleted cache shard is named, and the message ends with the recovery that `ldm encode` really does:
     rerun it with the cache's arguments and the manifest in place (intact shards are kept)."""
-    from ldm.data.latent_cache import LatentDataset
+    from ldm.data.latent_cache import FORMAT, LatentDataset
     from ldm.errors import CorruptShardError
 
     (tmp_path / "manifest.json").write_text(json.dumps(
-        {"shards": [{"file": "shard-00000.safetensors", "rows": 2, "sha256": "0" * 64}]}))
+        {"format": FORMAT, "shards": [{"file": "shard-00000.safetensors", "rows": 2, "sha256": "0" * 64}]}))
     with pytest.raises(CorruptShardError) as info:
         LatentDataset(tmp_path)
     msg = str(info.value)

@@ -136,7 +136,7 @@ def test_flow_loss_scales_time_and_oracle_is_zero():
 def test_sampling_independent_of_batch_size(objective, sampler, kw):
     model = random_dit(**kw)
     labels = torch.tensor([0, 3, 10, 7])
-    control = torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 4) if kw.get("control_mode") else None
+    control = torch.tensor([[256.0, 256, 0, 0, 256, 256, 0]] * 4) if kw.get("control_mode") else None
     args = dict(latent_shape=(4, 8, 8), steps=4, guidance_semantic=3.0, guidance_control=2.0,
                 seeds=[11, 12, 13, 14], sampler=sampler)
     a = sample_latents(model, objective, labels, control, batch_size=1, **args)
@@ -156,7 +156,7 @@ def test_guidance_algebra():
     model = random_dit(control_mode="disentangled")
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([100.0, 500.0, 900.0])
-    y, c = torch.tensor([1, 2, 3]), torch.rand(3, 6, generator=g) * 512
+    y, c = torch.tensor([1, 2, 3]), torch.rand(3, 7, generator=g) * 512
     null = torch.full_like(y, 10)
     with torch.no_grad():
         cond = model(x, t, y, c)

@@ -107,7 +107,9 @@ def test_sample_evaluate_report(scenario):
     assert sorted(first) == ["guidance.safetensors", "sizes.safetensors", "step-0000003.safetensors",
                              "step-0000006.safetensors"]
     index = json.loads((samples / "index.json").read_text())
-    assert index["guidance"] == {"semantic": 2.0, "control": 1.0, "interval": [0.1, 0.9]}
+    assert index["guidance"] == {"semantic": 2.0, "control": 1.0, "interval": [0.1, 0.9], "schedule": "constant",
+                                 "power": None, "channels": None}
+    assert index["labels"] == "balanced"
     assert index["forward_batch"] == 16 and index["guidance_sweep"]["scales"] == [1.0, 2.0, 4.0]
     assert first["sizes.safetensors"]["images"].shape == (2 * 3 * 12, 32, 32, 3)
 

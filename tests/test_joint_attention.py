@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.models import build_model
-from ldm.models.layers import Attention, SemanticKeys, joint_keys
+from ldm.models.attention import Attention, SemanticKeys, joint_keys
 
 ARCHS = ["dit", "improved", "mdt", "pixart"]
 GEOMETRY = dict(latent_size=8, in_channels=4, num_classes=10)

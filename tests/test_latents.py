@@ -282,7 +282,7 @@ def test_cache_matches_direct_vae_and_text_calls(cache, images, vae_dir):
         torch.testing.assert_close(t[name].float(), want, atol=1e-3, rtol=1e-3)
     rows = cache["prepared"]["rows"]
     assert t["label"].tolist() == [r["label"] for r in rows]
-    assert t["control"].tolist() == [[r[c] for c in ("orig_h", "orig_w", "crop_top", "crop_left", "crop_h", "crop_w")]
+    assert t["control"].tolist() == [[r[c] for c in ("orig_h", "orig_w", "crop_top", "crop_left", "crop_h", "crop_w", "flip")]
                                      for r in rows]
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -387,7 +387,7 @@ def test_corrupt_shard_is_named(cache, tmp_path):
 
 def _row_ids(items) -> list[int]:
     """Prepared row index of each item or batch (write_prepared sets orig_h = 40 + row)."""
-    return [int(h) - 40 for it in items for h in it["control"].reshape(-1, 6)[:, 0].tolist()]
+    return [int(h) - 40 for it in items for h in it["control"].reshape(-1, 7)[:, 0].tolist()]
 
 
 def test_shard_shuffled_reader_epochs_windows_workers(cache):

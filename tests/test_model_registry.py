@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # shapes, captured from the model code before the registry refactor (tiny/small: latent 8, 4 channels,
 # 10 classes; published sizes: latent 32, 4 channels, 1000 classes). When semantic="attention" became joint
 # attention, the old single-token cross-attention was renamed "cross_attention" (those records: the same
-# layouts under the new name), the improved model's records were re-captured, and joint-attention records added.
+# layouts under the new name), the improved model's records were re-captured, and joint-attention records added;
+# when the control vector gained the flip flag (crop group 4 -> 5 scalars), the records with control were re-captured.
 REFERENCE = [json.loads(line) for line in (ROOT / "tests" / "model_registry_reference.jsonl").read_text().splitlines()]
 REFERENCE_ARCHS = {r["arch"] for r in REFERENCE}
 
@@ -109,5 +110,5 @@ def test_control_vector_is_described_once():
     embedder = conditioning.ControlEmbedder(32)
     with pytest.raises(ValueError) as err:
         embedder(torch.zeros(2, ldm.control.CONTROL_WIDTH - 1), torch.zeros(2))
-    assert str(err.value) == ("control must be (B, 6) ('orig_h', 'orig_w', 'crop_top', 'crop_left', 'crop_h', "
-                              "'crop_w'), got (2, 5)")
+    assert str(err.value) == ("control must be (B, 7) ('orig_h', 'orig_w', 'crop_top', 'crop_left', 'crop_h', "
+                              "'crop_w', 'flip'), got (2, 6)")

@@ -109,7 +109,7 @@ def test_registry_errors_and_config_roundtrip():
     m = randomize(build_model("dit", "tiny", latent_size=8, in_channels=4, num_classes=10, control_mode="additive"))
     m2 = model_from_config(m.config)
     m2.load_state_dict(m.state_dict())
-    x, t, y, c = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.tensor([1, 2]), torch.rand(2, 6) * 300
+    x, t, y, c = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0]), torch.tensor([1, 2]), torch.rand(2, 7) * 300
     assert torch.equal(m(x, t, y, c), m2(x, t, y, c))
 
 
@@ -144,8 +144,8 @@ def test_disentangled_control_vanishes_at_pure_noise():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 8, 8, generator=g)
     y = torch.tensor([3, 4])
-    c1 = torch.tensor([[256.0, 256, 0, 0, 256, 256], [512, 384, 10, 20, 300, 300]])
-    c2 = torch.tensor([[64.0, 900, 5, 7, 64, 64], [100, 100, 0, 0, 100, 100]])
+    c1 = torch.tensor([[256.0, 256, 0, 0, 256, 256, 0], [512, 384, 10, 20, 300, 300, 1]])
+    c2 = torch.tensor([[64.0, 900, 5, 7, 64, 64, 1], [100, 100, 0, 0, 100, 100, 0]])
     with torch.no_grad():
         t = torch.full((2,), 999.0)
         assert torch.equal(m(x, t, y, c1), m(x, t, y, c2))
@@ -162,7 +162,7 @@ def test_disentangled_control_vanishes_at_pure_noise():
 
 def test_adaln_zero_init_outputs_zero():
     m = DiT(**SMALL, control_mode="disentangled")
-    out = m(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 700.0]), torch.tensor([0, 10]), torch.rand(2, 6) * 100)
+    out = m(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 700.0]), torch.tensor([0, 10]), torch.rand(2, 7) * 100)
     assert out.shape == (2, 8, 8, 8)
     assert torch.equal(out, torch.zeros_like(out))
 

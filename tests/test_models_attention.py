@@ -101,7 +101,7 @@ def modulations(model, x, t, labels, **kw) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_semantic_keeps_class_out_of_adaln(arch):
     x, t, _ = inputs(B=2)
-    ctrl = torch.tensor([[256.0, 256, 0, 0, 256, 256], [512, 384, 10, 20, 300, 300]])
+    ctrl = torch.tensor([[256.0, 256, 0, 0, 256, 256, 0], [512, 384, 10, 20, 300, 300, 1]])
     y1, y2 = torch.tensor([1, 2]), torch.tensor([7, 10])
     attn = randomize(ARCHS[arch](**BASE, semantic="attention", control_mode="disentangled"))
     mods1, out1 = modulations(attn, x, t, y1, control=ctrl)
@@ -121,8 +121,8 @@ def test_disentangled_control_only_where_weight_positive(arch, text_dim):
     m = randomize(ARCHS[arch](**BASE, text_dim=text_dim, semantic="attention", control_mode="disentangled"))
     x, _, text = inputs(B=2)
     cond = dict(text=text) if text_dim else dict(class_labels=torch.tensor([3, 4]))
-    c1 = torch.tensor([[256.0, 256, 0, 0, 256, 256], [512, 384, 10, 20, 300, 300]])
-    c2 = torch.tensor([[64.0, 900, 5, 7, 64, 64], [100, 100, 0, 0, 100, 100]])
+    c1 = torch.tensor([[256.0, 256, 0, 0, 256, 256, 0], [512, 384, 10, 20, 300, 300, 1]])
+    c2 = torch.tensor([[64.0, 900, 5, 7, 64, 64, 1], [100, 100, 0, 0, 100, 100, 0]])
     with torch.no_grad():
         t = torch.full((2,), 999.0)  # w(1) = 0 with the default exponents
         assert torch.equal(m(x, t, control=c1, **cond), m(x, t, control=c2, **cond))
@@ -202,7 +202,7 @@ def test_fresh_model_outputs_zero_and_config_roundtrip(arch, text_dim):
                     control_mode="additive", learn_sigma=False)
     x, t, text = inputs()
     cond = dict(text=text) if text_dim else dict(class_labels=torch.tensor([0, 5, 10]))
-    ctrl = torch.rand(3, 6) * 300
+    ctrl = torch.rand(3, 7) * 300
     with torch.no_grad():
         out = m(x, t, control=ctrl, **cond)
     assert out.shape == (3, 4, 8, 8) and torch.equal(out, torch.zeros_like(out))

@@ -15,7 +15,7 @@ def test_improved_equals_dit_built_with_the_same_choices():
         torch.nn.init.normal_(p, std=0.05)
     dit.load_state_dict(improved.state_dict())
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 990.0])
-    labels, control = torch.tensor([0, 3, 4]), torch.tensor([[96.0, 96, 0, 0, 96, 96]] * 3)
+    labels, control = torch.tensor([0, 3, 4]), torch.tensor([[96.0, 96, 0, 0, 96, 96, 0]] * 3)
     out = improved(x, t, labels, control=control)
     assert out.abs().max() > 0
     torch.testing.assert_close(out, dit(x, t, labels, control=control), rtol=0, atol=0)

@@ -13,8 +13,8 @@ from ldm.transfer import transfer_state
 BASE = dict(latent_size=8, in_channels=4, num_classes=10)
 MDT_TINY = dict(BASE, **MDT_SIZES["tiny"])
 UNET_TINY = dict(BASE, **UNET_SIZES["tiny"])
-C1 = torch.tensor([[256.0, 256, 0, 0, 256, 256], [512, 384, 10, 20, 300, 300]])
-C2 = torch.tensor([[64.0, 900, 5, 7, 64, 64], [100, 100, 0, 0, 100, 100]])
+C1 = torch.tensor([[256.0, 256, 0, 0, 256, 256, 0], [512, 384, 10, 20, 300, 300, 1]])
+C2 = torch.tensor([[64.0, 900, 5, 7, 64, 64, 1], [100, 100, 0, 0, 100, 100, 0]])
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:

@@ -21,7 +21,7 @@ def random_dit(seed=0, **kw):
 
 def conditions(n):
     labels = torch.arange(n) % 10
-    control = torch.tensor([[96.0, 96, 0, 0, 96, 96]]).repeat(n, 1)
+    control = torch.tensor([[96.0, 96, 0, 0, 96, 96, 0]]).repeat(n, 1)
     return labels, control
 
 

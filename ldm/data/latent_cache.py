@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..control import CONTROL_FIELDS
 from ..errors import CorruptShardError
 from ..layout import CACHE_MANIFEST
 from ..provenance import file_sha256
 
-FORMAT = "ldm-latent-cache/1"
+# /2: the control tensor gained the flip flag (`ldm.control.CONTROL_FIELDS`); a /1 cache is refused by name
+FORMAT = "ldm-latent-cache/2"
 MANIFEST = CACHE_MANIFEST
 MOMENTS = ("mean", "std", "mean_flip", "std_flip")
 
@@ -69,6 +71,10 @@ class LatentDataset(torch.utils.data.Dataset):
         if not mpath.is_file():
             raise FileNotFoundError(f"no {MANIFEST} in {self.dir} (cache missing or encoding not finished)")
         self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise CorruptShardError(f"{mpath}: cache format {self.manifest.get('format')!r} is not this version's "
+                                    f"{FORMAT!r} (control fields {', '.join(CONTROL_FIELDS)}); re-encode it: "
+                                    "`snakemake --forcerun encode` or `ldm encode` into an empty folder")
         self.shards = self.manifest["shards"]
         if verify:
             for s in self.shards:

@@ -17,7 +17,7 @@ from ldm.layout import PREPARED_REPORT
 from ldm.provenance import file_sha256
 
 REPORT = PREPARED_REPORT
-COLUMNS = ("key", "image", "label", "caption", "attributes", *CONTROL_FIELDS, "flip")
+COLUMNS = ("key", "image", "label", "caption", "attributes", *CONTROL_FIELDS)  # CONTROL_FIELDS end with flip
 
 
 def parquet_schema():
@@ -25,7 +25,7 @@ def parquet_schema():
 
     i32 = pa.int32()
     types = {"key": pa.string(), "image": pa.binary(), "label": i32, "caption": pa.string(),
-             "attributes": pa.string(), **{field: i32 for field in CONTROL_FIELDS}, "flip": pa.int8()}
+             "attributes": pa.string(), **{field: i32 for field in CONTROL_FIELDS}, "flip": pa.int8()}  # flip: 0/1
     return pa.schema([(name, types[name]) for name in COLUMNS])
 
 

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..control import mirror_box
+
 CROP_POLICIES = ("center", "random", "random-flip")
 _MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
@@ -100,7 +102,8 @@ def crop_and_resize(img: Image.Image, resolution: int, policy: str, rng: np.rand
     """Resize + crop `img` to resolution x resolution; meta has the crop box in original pixels.
 
     `random` draws the crop offset (y then x) from `rng`; `random-flip` draws the same offset and then
-    one flip coin, so for one rng state it returns the `random` crop, mirrored when meta['flip'] == 1.
+    one flip coin, so for one rng state it returns the `random` crop, mirrored when meta['flip'] == 1 (its
+    crop box then mirrored too, as a training-time flip mirrors it: `ldm.control.mirror_box`).
     Images smaller than R are upscaled; aspect ratios above `max_aspect` raise SkipImage('extreme_aspect').
     """
     if policy not in CROP_POLICIES:
@@ -127,5 +130,5 @@ def crop_and_resize(img: Image.Image, resolution: int, policy: str, rng: np.rand
     crop_top = min(oh - crop_h, round(top * fy))
     crop_left = min(ow - crop_w, round(left * fx))
     meta = {"orig_h": oh, "orig_w": ow, "crop_top": crop_top, "crop_left": crop_left,
-            "crop_h": crop_h, "crop_w": crop_w, "flip": flip}
-    return out, meta
+            "crop_h": crop_h, "crop_w": crop_w, "flip": 0}
+    return out, (mirror_box(meta) if flip else meta)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import Attention, CrossAttention, SemanticKeys
 from .base import ArchitectureInfo, PatchTransformer
-from .layers import (Attention, CrossAttention, FinalLayer, Mlp, SemanticKeys, modulate, unpatchify, xavier_linears,
-                     zero_module)
+from .layers import FinalLayer, Mlp, modulate, unpatchify, xavier_linears, zero_module
 
 __all__ = ["DiT", "DIT_SIZES", "FinalLayer", "ARCHITECTURE"]
 

@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Attention, CrossAttention, SemanticKeys, joint_keys
 from .base import ArchitectureInfo, DiffusionModel
 from .conditioning import SEMANTIC_MODES
-from .layers import (Attention, CaptionEmbedder, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed,
-                     SemanticKeys, TimestepEmbedder, joint_keys, modulate, sincos_2d, unpatchify, xavier_linears,
-                     zero_module)
+from .layers import (CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d,
+                     unpatchify, xavier_linears, zero_module)
 
 __all__ = ["MDT", "MDT_SIZES", "SEMANTIC_MODES", "resample_grid_table", "ARCHITECTURE"]
 

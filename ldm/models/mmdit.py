@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Attention
 from .base import ArchitectureInfo, PatchTransformer
 from .dit import DIT_SIZES
-from .layers import (Attention, CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, masked_mean, modulate, unpatchify,
-                     xavier_linears, zero_module)
+from .layers import (CaptionEmbedder, FinalLayer, LabelEmbedder, Mlp, masked_mean, modulate, unpatchify, xavier_linears,
+                     zero_module)
 
 __all__ = ["MMDiT", "MMDIT_SIZES", "ARCHITECTURE"]
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import Attention, CrossAttention, SemanticKeys
 from .base import ArchitectureInfo, PatchTransformer
 from .dit import DIT_SIZES
-from .layers import Attention, CrossAttention, Mlp, SemanticKeys, unpatchify, xavier_linears, zero_module
+from .layers import Mlp, unpatchify, xavier_linears, zero_module
 
 __all__ = ["PixArt", "PIXART_SIZES", "ARCHITECTURE"]
 

@@ -42,9 +42,21 @@ def image_seeds(seed: int, count: int) -> list[int]:
     return [seed * 1_000_003 + i for i in range(count)]
 
 
-def sampling_conditions(num_samples: int, num_classes: int, original_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-balanced labels (image i gets class i mod K) and the control of a whole square image."""
-    return torch.arange(num_samples) % num_classes, whole_square_image(original_size, num_samples)
+#: the generator seed of `labels: random` (one fixed draw for every run: recipes are compared on the same labels)
+RANDOM_LABELS_SEED = 0
+
+
+def sampling_conditions(num_samples: int, num_classes: int, original_size: int,
+                        labels: str = "balanced") -> tuple[torch.Tensor, torch.Tensor]:
+    """Class labels, balanced (image i gets class i mod K) or uniformly random (DiT's `sample_ddp.py`; drawn
+    once from a fixed generator), and the control of a whole square image."""
+    if labels == "random":
+        drawn = torch.randint(0, num_classes, (num_samples,), generator=torch.Generator().manual_seed(RANDOM_LABELS_SEED))
+    elif labels == "balanced":
+        drawn = torch.arange(num_samples) % num_classes
+    else:
+        raise ValueError(f"unknown label policy {labels!r}; valid: balanced, random")
+    return drawn, whole_square_image(original_size, num_samples)
 
 
 @torch.no_grad()
@@ -77,7 +89,7 @@ def sampling_captions(cache: LatentDataset, labels: torch.Tensor, recipe: Recipe
 
 
 def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
-    recipe, scfg = scenario.recipe(run), scenario.config["sampling"]
+    recipe, scfg = scenario.recipe(run), scenario.sampling(run)
     paths = scenario.layout.run(run.run_id)
     out = paths.samples
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,8 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
     scaling, shift = cache.scaling_factor, cache.shift_factor
     vae = load_vae(scenario.layout.vae).eval()
     objective = build_run_objective(scenario, run)
-    labels, control = sampling_conditions(scfg["num_samples"], len(cache.classes), scfg["original_size"])
+    labels, control = sampling_conditions(scfg["num_samples"], len(cache.classes), scfg["original_size"],
+                                          scfg["labels"])
     _, model_config, _ = load_final(paths.final)
     model = model_from_config(model_config).eval()
     latent_shape = tuple(cache.manifest["latent_shape"])
@@ -104,7 +117,9 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
                                  guidance_semantic=guidance,
                                  guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
                                  guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
-                                 batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH)
+                                 batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
+                                 guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
+                                 guidance_channels=scfg["guidance_channels"])
         return decode_to_uint8(vae, latents, scaling, shift)
 
     for snapshot in snapshots:
@@ -162,7 +177,9 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         "run_id": run.run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
         "sampler": sampler, "steps": scfg["steps"],
         "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"],
-                     "interval": scfg["guidance_interval"]},
+                     "interval": scfg["guidance_interval"], "schedule": scfg["guidance_schedule"],
+                     "power": scfg["guidance_power"], "channels": scfg["guidance_channels"]},
+        "labels": scfg["labels"],
         "forward_batch": FORWARD_BATCH, "image_seeds": "seed * 1000003 + i",
         "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
         # what evaluation needs to cost the model (REPORT.md's efficiency table) without the checkpoint

@@ -122,7 +122,7 @@ class Trainer:
 
     def __init__(self, scenario: Scenario, run: Run, log=print):
         self.scenario, self.run, self.log = scenario, run, log
-        self.recipe, self.stage, self.tcfg = scenario.recipe(run), scenario.stage(run), scenario.config["training"]
+        self.recipe, self.stage, self.tcfg = scenario.recipe(run), scenario.stage(run), scenario.training(run)
         self.paths = scenario.layout.run(run.run_id)
         self.accelerator = make_accelerator(self.tcfg)
         acc = self.accelerator
@@ -293,7 +293,9 @@ class Trainer:
             self.log(f"{self.run.run_id}: non-finite loss at step {step}; update skipped ({self.nonfinite_skips}/"
                      f"{limit})")
             return None
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), tcfg["grad_clip"])
+        # grad_clip null (a recipe published without clipping): the norm is still measured and logged
+        clip = tcfg["grad_clip"] if tcfg["grad_clip"] is not None else float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         decay = ema_decay_at(step, tcfg["ema"])
         current = self.full_state() if self.fsdp else None
