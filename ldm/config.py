@@ -48,6 +48,7 @@ DEFAULTS: dict = {
         "labels": "balanced",  # class labels of the samples: balanced (i mod K) or random (DiT's sample_ddp.py)
     },
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
+                   "protocol": None,  # a named preset (`apply_protocol`)
                    # Inception FIDs (fid_clean, fid_legacy_tf): real images cached (None: all), final snapshot only,
                    # every sampling seed (None); rule hashes leave them out without an Inception metric
                    "inception_max_images": None, "inception_snapshots": "final", "inception_seeds": None,
@@ -111,6 +112,7 @@ def validate(config: dict, source: str = "config") -> dict:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     full = merge(DEFAULTS, config)
+    apply_protocol(full, config, source)
     for name, recipe in full["recipes"].items():
         if recipe.get("own_recipe"):  # the architecture's published recipe, under what the config sets itself
             recipe = merge(own_recipe_defaults(recipe["arch"]), recipe)
@@ -151,6 +153,35 @@ def validate(config: dict, source: str = "config") -> dict:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     return full
+
+
+#: architectures whose released `forward_with_cfg` guides 3 of 4 latent channels (the adm preset's default)
+THREE_CHANNEL_GUIDANCE = ("dit", "mdt")
+
+
+def apply_protocol(full: dict, given: dict, source: str) -> None:
+    """`evaluation.protocol`, a named FID protocol. `adm`: DiT's and ADM's (TF Inception with its own resize,
+    `fid_legacy_tf`; an ADM reference batch allowed; labels drawn at random as `sample_ddp.py`; DiT and mDT
+    guided on 3 latent channels), filled in where the config says nothing and refused where it contradicts;
+    `clean`: clean-fid's (`fid_clean`; no ADM batch, which is TF-Inception statistics). Sample count and steps
+    stay the config's (50k samples and 250 steps are the paper-scale values: config/paper.yaml, `ldm recipes`)."""
+    protocol = full["evaluation"]["protocol"]
+    if protocol is None:
+        return
+    own, other = ("fid_legacy_tf", "fid_clean") if protocol == "adm" else ("fid_clean", "fid_legacy_tf")
+    metrics = full["evaluation"]["metrics"]
+    if other in metrics:
+        raise ConfigError(f"{source}: evaluation.metrics: {other} is not the {protocol} protocol's FID ({own})")
+    if other in (full["evaluation"]["reference_stats"] or {}):
+        raise ConfigError(f"{source}: evaluation.reference_stats.{other}: not the {protocol} protocol's FID ({own})")
+    if own not in metrics:
+        full["evaluation"]["metrics"] = [*metrics, own]
+    if protocol == "adm":
+        if "labels" not in given.get("sampling", {}):
+            full["sampling"]["labels"] = "random"
+        for recipe in full["recipes"].values():
+            if recipe["arch"] in THREE_CHANNEL_GUIDANCE:
+                recipe.setdefault("sampling", {}).setdefault("guidance_channels", 3)
 
 
 def _check_batch_split(config: dict, source: str) -> None:

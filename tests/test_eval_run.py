@@ -179,13 +179,15 @@ def test_text_recipe_on_a_cache_without_captions_fails_with_one_line(scenario, m
 
 
 def test_fid_reference_identity_from_an_existing_npz(scenario, tmp_path):
+    """A statistics file is declared per protocol: fid_legacy_tf's file is fid_legacy_tf's reference only."""
     config, _ = scenario
-    assert evaluate_mod.fid_reference(Scenario(config), 32)["source"] == "prepared images"
+    assert evaluate_mod.fid_reference(Scenario(config), 32, "legacy_tensorflow")["source"] == "prepared images"
     adm = tmp_path / "VIRTUAL_imagenet256_ref.npz"  # an ADM-style batch: plain mu/sigma, no meta
     np.savez(adm, mu=np.zeros(4), sigma=np.eye(4))
-    config["evaluation"]["reference_stats"] = str(adm)
-    ref = evaluate_mod.fid_reference(Scenario(config), 32)
+    config["evaluation"]["reference_stats"] = {"fid_legacy_tf": str(adm)}
+    ref = evaluate_mod.fid_reference(Scenario(config), 32, "legacy_tensorflow")
     assert ref["source"] == "statistics file" and ref["file"] == str(adm) and len(ref["sha256"]) == 64
+    assert evaluate_mod.fid_reference(Scenario(config), 32, "clean")["source"] == "prepared images"
 
 
 def test_inception_fids_only_where_asked_with_their_provenance(scenario, monkeypatch):

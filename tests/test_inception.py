@@ -316,7 +316,7 @@ def test_missing_or_corrupt_weights_fail_at_once_in_one_line(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------------------------------- wiring
-def test_registry_scores_against_the_per_protocol_reference_when_the_context_has_one(monkeypatch):
+def test_registry_scores_each_protocol_against_its_own_reference(monkeypatch):
     from types import SimpleNamespace
 
     from ldm.metrics import registry
@@ -324,13 +324,22 @@ def test_registry_scores_against_the_per_protocol_reference_when_the_context_has
     seen = []
     monkeypatch.setattr(inception, "inception_fid", lambda images, ref, mode: seen.append((ref, mode)) or 1.0)
     s = registry.ImageSet(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2), np.zeros((2, 3)), {})
-    plain = SimpleNamespace(fid_reference=lambda: "prepared images")
-    cached = SimpleNamespace(fid_reference=lambda: "prepared images", inception_reference=lambda mode: f"{mode}.npz")
-    assert registry.compute_metrics(plain, s, ["fid_clean"]) == {"fid_clean": 1.0}
+    cached = SimpleNamespace(inception_reference=lambda mode: f"{mode}.npz")
     assert registry.compute_metrics(cached, s, ["fid_legacy_tf", "fid_clean"]) == {"fid_clean": 1.0,
                                                                                    "fid_legacy_tf": 1.0}
-    assert seen == [("prepared images", "clean"), ("clean.npz", "clean"),
-                    ("legacy_tensorflow.npz", "legacy_tensorflow")]
+    assert seen == [("clean.npz", "clean"), ("legacy_tensorflow.npz", "legacy_tensorflow")]
+
+
+def test_an_adm_reference_batch_belongs_to_fid_legacy_tf_only(tmp_path):
+    """An ADM batch (guided-diffusion's evaluator: mu, sigma plus mu_s/sigma_s) is TF-Inception statistics of
+    ADM's resize: accepted for fid_legacy_tf, refused by name for fid_clean, so the protocols never mix."""
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(adm, mu=np.zeros(inception.INCEPTION_DIM), sigma=np.eye(inception.INCEPTION_DIM),
+             mu_s=np.zeros(3), sigma_s=np.eye(3))
+    mu, _, meta = inception.load_inception_reference(adm, "legacy_tensorflow")
+    assert mu.shape == (inception.INCEPTION_DIM,) and meta == {"adm_reference_batch": True}
+    with pytest.raises(ValueError, match="ADM reference batch .* belongs to fid_legacy_tf, not fid_clean"):
+        inception.load_inception_reference(adm, "clean")
     assert inception.inception_modes(["fd_evaluator", "fid_legacy_tf", "fid_clean"]) == ["clean", "legacy_tensorflow"]
 
 

@@ -76,3 +76,20 @@ def test_recipe_settings_are_checked():
     with pytest.raises(ConfigError, match=r"recipes.r.training.batch_size: 6 is not divisible"):
         config({"r": {"arch": "dit", "size": "tiny", "training": {"batch_size": 6}}},
                training={"batch_size": 8, "grad_accum": 4})
+
+
+def test_the_adm_protocol_preset_fills_in_and_refuses_mixing():
+    full = config({"dit": {"arch": "dit", "size": "tiny"}, "pix": {"arch": "pixart", "size": "tiny"}},
+                  evaluation={"protocol": "adm", "metrics": ["fd_evaluator"]})
+    assert full["evaluation"]["metrics"] == ["fd_evaluator", "fid_legacy_tf"] and full["sampling"]["labels"] == "random"
+    assert full["recipes"]["dit"]["sampling"]["guidance_channels"] == 3 and "sampling" not in full["recipes"]["pix"]
+    kept = config({"dit": {"arch": "dit", "size": "tiny", "sampling": {"guidance_channels": 4}}},
+                  evaluation={"protocol": "adm"}, sampling={"labels": "balanced"})
+    assert kept["recipes"]["dit"]["sampling"]["guidance_channels"] == 4 and kept["sampling"]["labels"] == "balanced"
+    with pytest.raises(ConfigError, match="fid_clean is not the adm protocol's FID"):
+        config({"dit": {"arch": "dit", "size": "tiny"}}, evaluation={"protocol": "adm", "metrics": ["fid_clean"]})
+    with pytest.raises(ConfigError, match="reference_stats.fid_legacy_tf: not the clean protocol's FID"):
+        config({"dit": {"arch": "dit", "size": "tiny"}},
+               evaluation={"protocol": "clean", "reference_stats": {"fid_legacy_tf": "adm.npz"}})
+    assert "fid_clean" in config({"d": {"arch": "dit", "size": "tiny"}}, evaluation={"protocol": "clean"})[
+        "evaluation"]["metrics"]

@@ -99,6 +99,10 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, meta: dict) 
     atomic_write_bytes(path, buf.getvalue())
 
 
+#: arrays only an ADM reference batch (openai/guided-diffusion `evaluations/`) holds besides mu and sigma
+ADM_MARKERS = {"mu_s", "sigma_s", "arr_0"}
+
+
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma, meta) from our npz or a plain clean-fid / ADM one (meta {} there); never unpickles."""
     path = Path(path)
@@ -108,6 +112,8 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         if "mu" not in f.files or "sigma" not in f.files:
             raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {f.files}")
         meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+        if "meta" not in f.files and ADM_MARKERS & set(f.files):  # guided-diffusion's evaluator wrote it
+            meta = {"adm_reference_batch": True}
         return f["mu"], f["sigma"], meta
 
 

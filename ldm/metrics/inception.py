@@ -355,11 +355,16 @@ def save_inception_reference(images, mode: str, out: str | Path, *, device: str 
 
 def load_inception_reference(path: str | Path, mode: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma, meta) of an Inception statistics npz: ours (refused if its meta names another protocol) or a
-    plain clean-fid / ADM one (no meta); statistics that are not 2048-d are refused."""
+    plain clean-fid / ADM one (no meta). An ADM reference batch is TF-Inception statistics of ADM's own
+    resize: refused under `clean` (fid_clean) so the two protocols never mix. Statistics that are not 2048-d
+    are refused."""
     _check_mode(mode)
     mu, sigma, meta = load_stats(path)
     if meta.get("protocol", PROTOCOLS[mode]) != PROTOCOLS[mode]:
         raise ValueError(f"{path} holds {meta['protocol']} statistics, not {PROTOCOLS[mode]}")
+    if meta.get("adm_reference_batch") and mode != "legacy_tensorflow":
+        raise ValueError(f"{path} is an ADM reference batch (TF-Inception statistics): it belongs to "
+                         f"fid_legacy_tf, not {PROTOCOLS[mode]}")
     if np.shape(mu) != (INCEPTION_DIM,):
         raise ValueError(f"{path} holds {np.shape(mu)} statistics, not the Inception's ({INCEPTION_DIM},)")
     return mu, sigma, meta

@@ -64,10 +64,9 @@ class EvalContext(Protocol):
     clip: Any
     classes: list[str]
 
-    def fid_reference(self) -> Any: ...
+    def inception_reference(self, mode: str) -> Any: ...  # the Inception reference of one clean-fid mode
 
-    # optional: `inception_reference(mode) -> Any` (the Inception statistics of one protocol) and
-    # `inception_device` (where the Inception runs); the Inception metrics use them when the context has them
+    # optional: `inception_device` (where the Inception runs)
 
 
 @dataclass(frozen=True)
@@ -155,11 +154,9 @@ def _inception_fid(mode: str, name: str) -> Compute:
     def compute(ctx: EvalContext, s: ImageSet) -> dict:
         from .inception import inception_fid
 
-        # the reference of this protocol: `ctx.inception_reference(mode)` (the configured statistics file, else
-        # the cached npz `reference-stats` wrote, `ldm.metrics.inception.inception_reference_path`) where the context
-        # has it, else `ctx.fid_reference()`
-        per_mode = getattr(ctx, "inception_reference", None)
-        ref = per_mode(mode) if per_mode is not None else ctx.fid_reference()
+        # the reference of this protocol: the statistics file configured for it, else the cached npz
+        # `reference-stats` wrote (`ldm.metrics.inception.inception_reference_path`), else the prepared images
+        ref = ctx.inception_reference(mode)
         device = getattr(ctx, "inception_device", None)
         return {name: float(inception_fid(s.images, ref, mode=mode, **({"device": device} if device else {})))}
 

@@ -36,7 +36,7 @@ from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
 from ..metrics.evaluator import load_evaluator
 from ..metrics.fid import load_stats
-from ..metrics.inception import inception_network_identity, inception_statistics
+from ..metrics.inception import PROTOCOLS, inception_network_identity, inception_statistics
 from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics, eval_hash_section, metric,
                                 protocol_texts)
 from ..models.inventory import run_cost
@@ -74,11 +74,6 @@ class _Context:
             self._real_feats = self.evaluator.features(self.real)
         return self._real_feats
 
-    def fid_reference(self):
-        """Inception reference: `evaluation.reference_stats` (e.g. an ADM batch) or the prepared images."""
-        path = self.config["evaluation"]["reference_stats"]
-        return path if path else self.real
-
     @property
     def inception_device(self) -> str:
         """Where the Inception runs: the GPU when there is one (as `reference-stats` does), else the CPU."""
@@ -89,7 +84,7 @@ class _Context:
         `reference-stats` cached (`Layout.inception_reference`), both as a path; else (mu, sigma, count) of all
         prepared images, computed once."""
         if mode not in self._inception:
-            path = self.config["evaluation"]["reference_stats"]
+            path = configured_reference(self.config, mode)
             cached = self.scenario.layout.inception_reference(self.resolution, mode)
             if path:
                 self._inception[mode] = path
@@ -304,11 +299,17 @@ def _model_cost(scenario: Scenario, run: Run, index: dict) -> dict:
     return run_cost(model_config, tuple(manifest["latent_shape"]), text_tokens)
 
 
+def configured_reference(config: dict, mode: str) -> str | None:
+    """The statistics file `evaluation.reference_stats` names for the protocol of clean-fid mode `mode`
+    (keyed by metric, so a file declared for one protocol is never used for the other), or None."""
+    return (config["evaluation"]["reference_stats"] or {}).get(PROTOCOLS[mode])
+
+
 def fid_reference(scenario: Scenario, resolution: int, mode: str | None = None) -> dict:
     """What an Inception metric compared with: `evaluation.reference_stats`, or (given its clean-fid `mode`) the
     statistics `reference-stats` cached when they exist, by path and sha256 with their meta; else the prepared
     images."""
-    path = scenario.config["evaluation"]["reference_stats"]
+    path = configured_reference(scenario.config, mode) if mode is not None else None
     if not path and mode is not None and scenario.layout.inception_reference(resolution, mode).is_file():
         path = scenario.layout.inception_reference(resolution, mode)
     if not path:

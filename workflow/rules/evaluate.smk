@@ -13,8 +13,9 @@ def _local(path):
     return [path] if path and Path(path).exists() else []
 
 
-# clean-fid modes whose real-image statistics reference-stats writes: none with a configured statistics file
-INCEPTION_MODES = [] if CFG["evaluation"]["reference_stats"] else inception_modes(CFG["evaluation"]["metrics"])
+# clean-fid modes whose real-image statistics reference-stats writes: those without a statistics file of their own
+REFERENCE_FILES = CFG["evaluation"]["reference_stats"] or {}
+INCEPTION_MODES = inception_modes(m for m in CFG["evaluation"]["metrics"] if m not in REFERENCE_FILES)
 
 
 def _inception_references(res):
@@ -95,7 +96,7 @@ rule evaluate:
         evaluator=str(L.evaluator_config),
         reference=lambda w: str(L.reference(RUNS[w.run].resolution)),
         inception_references=lambda w: _inception_references(RUNS[w.run].resolution),
-        fid_reference=_local(CFG["evaluation"]["reference_stats"]),
+        fid_reference=[f for path in REFERENCE_FILES.values() for f in _local(path)],
         clip=_local(CFG["evaluation"]["clip_model"]),
     output:
         str(L.metrics("{run}")),
