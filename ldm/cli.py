@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--crop", default="center", choices=["center", "random", "random-flip"])
+    p.add_argument("--crops", type=int, default=1, help="random crops per image, each its own row (random policies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
     p = add("check-data", "what the study needs of prepared data (classes, captions, duplicates); one line if not")

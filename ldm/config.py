@@ -29,7 +29,7 @@ DEFAULTS: dict = {
     # config/paper.yaml). runtime in minutes.
     "resources": {"default": {"gpus": 0, "nodes": 1, "cpus": 1, "mem_mb": 4000, "runtime": 60}},
     # 5% of the images are never trained on (`ldm.data.split`): what `val_loss` is measured on
-    "dataset": {"heldout": 0.05, "synthetic": {"num_images": 1000, "corrupt": 0}},
+    "dataset": {"heldout": 0.05, "random_crops": 4, "synthetic": {"num_images": 1000, "corrupt": 0}},
     "autoencoder": {"pretrained": None, "steps": 600, "batch_size": 32, "lr": 1e-3},
     "text_encoder": "minilm",
     "evaluator": {"steps": 600, "batch_size": 64, "input_size": 64, "feature_dim": 64},

@@ -325,6 +325,31 @@ def test_prepare_randomness_depends_on_key_not_order(synth, tmp_path):
     assert other["shards"][0]["sha256"] != full["shards"][0]["sha256"]
 
 
+def test_random_crops_per_image_are_rows_of_their_own(synth, tmp_path):
+    """`crops=K`: K random crops of every image, the first exactly the single-crop one, each with its own box;
+    the held-out split keeps all crops of an image on one side."""
+    from ldm.data.split import heldout_mask, image_key
+
+    one = prepare(str(synth / "folders"), tmp_path / "one", 24, crop="random", seed=3)
+    three = prepare(str(synth / "folders"), tmp_path / "three", 24, crop="random", seed=3, crops=3)
+    x1, d1 = load_prepared(tmp_path / "one")
+    x3, d3 = load_prepared(tmp_path / "three")
+    assert three["kept"] == one["kept"] and len(d3) == 3 * len(d1) and three["crops_per_image"] == 3
+    assert "crops_per_image" not in one
+    by_image = d3.groupby(d3["key"].map(image_key))
+    assert sorted(by_image.size().unique()) == [3] and sorted(by_image.groups) == sorted(d1["key"])
+    first = {k: i for i, k in enumerate(d3["key"])}
+    cols = ["crop_top", "crop_left", "crop_h", "crop_w"]
+    for j, k in enumerate(d1["key"]):  # crop 0 is the single-crop prepare's crop
+        assert np.array_equal(x1[j], x3[first[k]]) and d1.loc[j, cols].tolist() == d3.loc[first[k], cols].tolist()
+    boxes = by_image.apply(lambda g: len({tuple(r) for r in g[["crop_top", "crop_left"]].values.tolist()}))
+    assert (boxes > 1).mean() > 0.5  # most images get different crops
+    held = heldout_mask(d3["key"].tolist(), 0.3, seed=0)
+    assert all(len(set(held[list(idx)])) == 1 for idx in by_image.indices.values()) and 0 < held.sum() < len(held)
+    with pytest.raises(ValueError, match="1 with the center crop"):
+        prepare(str(synth / "folders"), tmp_path / "bad", 24, crop="center", crops=2)
+
+
 def test_sample_rng_is_a_function_of_seed_and_key():
     draw = lambda seed, key: sample_rng(seed, key).integers(0, 2**62, 4).tolist()  # noqa: E731
     assert draw(0, "a/1.png") == draw(0, "a/1.png")

@@ -13,10 +13,25 @@ import hashlib
 import numpy as np
 
 
+#: a prepared row's key is its image's key, plus `#crop<k>` for the k-th extra random crop (`crop_key`)
+CROP_SEPARATOR = "#crop"
+
+
+def crop_key(image_key: str, k: int) -> str:
+    """Row key of an image's k-th random crop: the image key itself for the first, so one crop per image keeps
+    the keys (and everything drawn from them) it always had."""
+    return image_key if k == 0 else f"{image_key}{CROP_SEPARATOR}{k}"
+
+
+def image_key(row_key: str) -> str:
+    """The image a prepared row was cropped from (`crop_key`'s inverse)."""
+    return row_key.split(CROP_SEPARATOR, 1)[0]
+
+
 def heldout_mask(keys: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Boolean per key: True where the image is held out."""
+    """Boolean per row key: True where its image is held out (every crop of an image on the same side)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
     threshold = int(fraction * 2**64)
-    return np.array([int.from_bytes(hashlib.sha256(f"heldout\0{seed}\0{k}".encode()).digest()[:8], "little")
-                     < threshold for k in keys], dtype=bool)
+    return np.array([int.from_bytes(hashlib.sha256(f"heldout\0{seed}\0{image_key(k)}".encode()).digest()[:8],
+                                    "little") < threshold for k in keys], dtype=bool)

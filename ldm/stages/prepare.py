@@ -19,6 +19,7 @@ import numpy as np
 
 from ldm.data.prepared import COLUMNS, REPORT, parquet_schema
 from ldm.data.sources import open_source
+from ldm.data.split import crop_key
 from ldm.data.transforms import CROP_POLICIES, SkipImage, crop_and_resize, decode_image
 from ldm.errors import EmptyDatasetError
 from ldm.provenance import file_sha256
@@ -55,11 +56,17 @@ def _validate(resolution, crop, shard_size, max_aspect) -> None:
 
 
 def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed: int = 0,
-            shard_size: int = 1000, max_aspect: float = 4.0) -> dict:
-    """Decode, validate and crop every sample of `source` into `out`/shard-NNNNN.parquet; return the report."""
+            shard_size: int = 1000, max_aspect: float = 4.0, crops: int = 1) -> dict:
+    """Decode, validate and crop every sample of `source` into `out`/shard-NNNNN.parquet; return the report.
+
+    `crops` > 1 (random policies): that many random crops per image, each a row with its own crop box and key
+    (`ldm.data.split.crop_key`), so training, which draws rows, sees a new crop of an image at most visits:
+    random-crop augmentation with the crops cached, not one crop fixed at prepare time."""
     from tqdm.auto import tqdm
 
     _validate(resolution, crop, shard_size, max_aspect)
+    if crops < 1 or (crop == "center" and crops != 1):
+        raise ValueError(f"crops must be >= 1, and 1 with the center crop (all its crops are the same); got {crops}")
     resolution = int(resolution)
     src = open_source(str(source))
     out = Path(out)
@@ -84,18 +91,20 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
             except OSError as e:
                 raise SkipImage("unreadable", f"{sample.key}: {e}") from None
             img = decode_image(data, sample.key)
-            crop_img, meta = crop_and_resize(img, resolution, crop, sample_rng(seed, sample.key), max_aspect)
+            cropped = [crop_and_resize(img, resolution, crop, sample_rng(seed, crop_key(sample.key, k)), max_aspect)
+                       for k in range(crops)]
         except SkipImage as e:
             skipped[e.reason] += 1
             continue
-        buf = io.BytesIO()
-        crop_img.save(buf, format="PNG")
-        rows.append({"key": sample.key, "image": buf.getvalue(), "label": int(sample.label),
-                     "caption": sample.caption,
-                     "attributes": json.dumps(sample.attributes, sort_keys=True), **meta})
+        for k, (crop_img, meta) in enumerate(cropped):
+            buf = io.BytesIO()
+            crop_img.save(buf, format="PNG")
+            rows.append({"key": crop_key(sample.key, k), "image": buf.getvalue(), "label": int(sample.label),
+                         "caption": sample.caption,
+                         "attributes": json.dumps(sample.attributes, sort_keys=True), **meta})
+            if len(rows) == shard_size:
+                flush()
         kept += 1
-        if len(rows) == shard_size:
-            flush()
     if rows:
         flush()
     skipped.update(src.skipped)
@@ -109,6 +118,8 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
             old.unlink()
     report = {"kept": kept, "skipped": dict(sorted(skipped.items())), "resolution": resolution, "crop": crop,
               "classes": list(src.classes), "shards": shards, "source": str(source)}
+    if crops > 1:  # kept counts images; the shards hold `crops` rows of each
+        report["crops_per_image"] = crops
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / REPORT)
@@ -117,5 +128,5 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
 
 def run(args) -> None:
     report = prepare(args.source, Path(args.out), resolution=args.resolution, crop=args.crop, seed=args.seed,
-                     shard_size=args.shard_size)
+                     crops=args.crops, shard_size=args.shard_size)
     print(f"prepared {report['kept']} images at {args.resolution}px into {args.out}; skipped: {report['skipped']}")

@@ -39,13 +39,14 @@ rule prepare:
         source=L.source(CFG["dataset"]["source"]),
         crop=lambda w: data_params(w.data)[1],
         px=lambda w: data_params(w.data)[0],
+        crops=lambda w: 1 if data_params(w.data)[1] == "center" else CFG["dataset"]["random_crops"],
     resources:
         **rule_resources("prepare"),
     log:
         str(L.log("prepare.{data}.log")),
     shell:
         f"{LDM} prepare {{params.source:q}} --out {q(L.prepared('{wildcards.data}'))}"
-        f" --resolution {{params.px}} --crop {{params.crop}} --seed {CFG['seed']} > {LOG} 2>&1"
+        f" --resolution {{params.px}} --crop {{params.crop}} --crops {{params.crops}} --seed {CFG['seed']} > {LOG} 2>&1"
 
 
 # Checks that need the prepared data (ldm/data/checks.py): a single class, an empty class folder, no caption
