@@ -58,8 +58,9 @@ def test_run_cost_of_a_trained_config_counts_its_conditioning():
     assert cost["params"] == sum(p.numel() for p in model.parameters())
     plain = build_model("dit", "tiny", latent_size=16, in_channels=4, num_classes=4, learn_sigma=False)
     without = run_cost(plain.config, (4, 16, 16))
-    # the control embedder's two MLPs per group (size: 2 scalars, crop: 4 scalars of 256 features each)
+    # the control embedder's two MLPs per group (size: 2 scalars, crop: the box and the flip flag, 5 scalars; 256
+    # features each)
     d = model.config["hidden_size"]
-    extra_macs = (2 * 256 * d + d * d) + (4 * 256 * d + d * d)
+    extra_macs = (2 * 256 * d + d * d) + (5 * 256 * d + d * d)
     assert cost["fwd_gflops_per_image"] * 1e9 - without["fwd_gflops_per_image"] * 1e9 == pytest.approx(2 * extra_macs)
     assert cost["train_gflops_per_image"] == pytest.approx(3 * cost["fwd_gflops_per_image"])
