@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default="simple", choices=["simple", "rich"],
                    help="simple: independent attributes; rich: class-dependent sizes, chiral shapes, varied captions "
                         "(docs/synthetic-world.md)")
+    p.add_argument("--layout", default="default", choices=["default", "imagenet", "cc12m"],
+                   help="default: the pipeline's class folders + caption shards; imagenet: an ILSVRC-style train/val "
+                        "tree; cc12m: img2dataset webdataset tars without classes (both from the rich world)")
+    p.add_argument("--classes", type=int, default=1000, help="imagenet layout: synsets")
+    p.add_argument("--val-per-class", type=int, default=1, help="imagenet layout: validation images per synset")
     p = add("prepare", "decode, validate, resize and crop images; record control metadata")
     p.add_argument("source", help="class-folder tree, parquet file/dir/glob, or webdataset tar glob")
     p.add_argument("--out", required=True)
