@@ -249,3 +249,20 @@ def test_rule_hashes_leave_out_the_inception_settings_unless_an_inception_metric
     config["evaluation"]["metrics"] = ["fd_evaluator", "fid_legacy_tf"]
     section = Scenario(config).eval_section(scenario_obj.run(RUN))
     assert eval_hash_section(section) == section
+
+
+def test_sample_grids_show_a_bounded_evenly_spaced_set_of_classes(tmp_path):
+    """At ImageNet scale a grid is 16 rows, classes k * 1000 // 16; a class with fewer samples gets blank cells
+    so the rows stay aligned."""
+    from PIL import Image
+
+    from ldm.stages.evaluate import GRID_ROWS, grid_classes, save_sample_grid
+
+    assert grid_classes(4) == [0, 1, 2, 3] and grid_classes(1000)[:3] == [0, 62, 125] and len(grid_classes(1000)) == 16
+    labels = np.arange(1000).repeat(2)  # two samples per class, random-label style counts
+    data = {"images": np.zeros((2000, 8, 8, 3), np.uint8), "labels": labels, "seeds": np.zeros(2000, int)}
+    shown = save_sample_grid(data, [f"c{k}" for k in range(1000)], tmp_path / "g.png", per_class=4, min_side=8)
+    assert shown == grid_classes(1000)
+    picture = np.asarray(Image.open(tmp_path / "g.png"))
+    assert picture.shape[0] == GRID_ROWS * (8 + 2) + 2 and picture.shape[1] == 4 * (8 + 2) + 2
+    assert picture[2:10, 2:10].max() == 0 and picture[2:10, 2 + 2 * 10:10 + 2 * 10].min() == 255  # blank cells

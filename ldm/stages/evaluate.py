@@ -204,7 +204,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
             ctx.skipped["size_consistency"] = "size_consistency skipped: sampling.size_conditions is empty"
             log(ctx.skipped["size_consistency"])
     grid_path = layout.sample_grid(run_id)
-    save_sample_grid(data, index["classes"], grid_path)
+    shown = save_sample_grid(data, index["classes"], grid_path)
     record = {
         "run_id": run_id,
         "recipe": run.recipe, "stage": run.stage, "resolution": run.resolution, "init_run": run.init_run,
@@ -226,6 +226,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path),
+        "sample_grid_classes": [index["classes"][k] for k in shown],
         "model": _model_cost(scenario, run, index),
     }
     if validation is not None and not validation.skipped:
@@ -339,14 +340,27 @@ def inception_provenance(ctx: _Context, names: list[str], used: dict, snapshots:
     return out
 
 
-def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> None:
-    """One row per class (first sampling seed), upscaled with nearest-neighbour to at least `min_side` px."""
+#: rows of a sample grid at most: 16 classes evenly spaced over the label range (1,000 rows at ImageNet
+#: scale would be an unreadable 8,000-image picture)
+GRID_ROWS = 16
+
+
+def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
+    """The classes a sample grid shows: all of them up to `rows`, else `rows` evenly spaced (k * K // rows)."""
+    return list(range(num_classes)) if num_classes <= rows else [k * num_classes // rows for k in range(rows)]
+
+
+def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> list[int]:
+    """One row per shown class (`grid_classes`; first sampling seed), blank cells where a class has fewer
+    samples, upscaled with nearest-neighbour to at least `min_side` px. Returns the classes shown."""
     first = data["seeds"] == data["seeds"][0]
     images, labels = data["images"][first], data["labels"][first]
+    shown = grid_classes(len(classes))
+    blank = torch.full((images.shape[3], images.shape[1], images.shape[2]), 255, dtype=torch.uint8)
     rows = []
-    for k in range(len(classes)):
-        chosen = images[labels == k][:per_class]
-        rows.extend(torch.from_numpy(chosen).permute(0, 3, 1, 2))
+    for k in shown:
+        chosen = list(torch.from_numpy(images[labels == k][:per_class]).permute(0, 3, 1, 2))
+        rows.extend(chosen + [blank] * (per_class - len(chosen)))
     grid = make_grid(torch.stack(rows), nrow=per_class, padding=2, pad_value=255)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     scale = max(1, -(-min_side // images.shape[1]))
@@ -356,6 +370,7 @@ def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int 
     tmp = path.with_name(path.name + ".tmp.png")
     picture.save(tmp)
     tmp.replace(path)
+    return shown
 
 
 def run(args) -> None:
