@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON list, one object per architecture and size")
     p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
     p.add_argument("--size", action="append", help="only this size name (repeatable)")
+    p = add("plan", "what a scenario or study costs before it runs: FLOPs and accelerator-hours per rule, the "
+            "costliest jobs, and jobs that cannot finish within their runtime")
+    p.add_argument("config")
+    p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation assumed (default 0.35)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak TFLOP/s of one accelerator (H100 bf16: 989)")
+    p.add_argument("--images", action="append", help="dataset size for encode: N, or SCENARIO=N (repeatable)")
     p = add("recipes", "each architecture's own published recipe (training, sampling, guidance), every value with "
             "its source or why it is assumed")
     p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
