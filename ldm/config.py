@@ -46,6 +46,7 @@ DEFAULTS: dict = {
         # mDT's power-cosine ramp (`ldm.sampling.guidance_scale`); guided latent channels (None: all)
         "guidance_schedule": "constant", "guidance_power": None, "guidance_channels": None,
         "labels": "balanced",  # class labels of the samples: balanced (i mod K) or random (DiT's sample_ddp.py)
+        "aux_samples": None,  # images of intermediate snapshots, sweeps and size conditions (None: num_samples)
     },
     "evaluation": {"metrics": ["fd_evaluator", "cond_accuracy"], "clip_model": None, "reference_stats": None,
                    "protocol": None,  # a named preset (`apply_protocol`)

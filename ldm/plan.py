@@ -4,8 +4,9 @@ assumed model FLOP utilisation, so a study is sized before it is submitted rathe
 Counted (FLOPs as `ldm.models.inventory` counts them: 2 per multiply-add, matmuls, convolutions, attention):
 - train: steps x the run's global batch x 3 forward passes (forward + backward), x 4/3 with gradient
   checkpointing, plus mDT's masked second pass at its kept fraction;
-- sample: per evaluated snapshot (the final one with every sampling seed, the others with the first, as
-  `ldm sample` does), the guidance sweeps and the size conditions: images x steps x model passes (the
+- sample: per evaluated snapshot (the final one with every sampling seed, the others with the first and
+  `aux_samples` images, as `ldm sample` does), the guidance sweeps and the size conditions (`aux_samples`
+  images each): images x steps x model passes (the
   guidance formula's: 1 conditional, + 1 with semantic guidance, + 1 with control guidance), plus one VAE
   decode per image;
 - evaluate: the TF Inception (5.7 G multiply-adds per 299 px image, its published count) on every image an
@@ -124,26 +125,26 @@ def plan_jobs(scenario: Scenario, images: int | None) -> list[Job]:
             per_image *= 1 + (1 - float(model.config.get("mask_ratio", 0.0)))
         job("train", run.run_id, steps * tcfg["batch_size"] * per_image, run.stage)
         snapshots = snapshot_steps(steps, tcfg["snapshots"], with_zero=run.init_run is not None)
-        seeds = len(scfg["seeds"])
-        sets = (len(snapshots) - 1) + seeds  # first seed at every snapshot but the last, every seed at the last
+        seeds, samples = len(scfg["seeds"]), scfg["num_samples"]
+        aux = min(scfg["aux_samples"] or samples, samples)
         passes = guidance_passes(scfg["guidance"], scfg["guidance_control"], recipe.uses_control)
-        image_passes = sets * passes
-        sweep = [g for g in scfg["guidance_sweep"]]
-        image_passes += sum(guidance_passes(g, scfg["guidance_control"], recipe.uses_control) for g in sweep)
+        # (images, passes per step): every seed at the last snapshot, the first seed (aux images) at the others
+        sets = [(samples, passes)] * seeds + [(aux, passes)] * (len(snapshots) - 1)
+        sets += [(aux, guidance_passes(g, scfg["guidance_control"], recipe.uses_control))
+                 for g in scfg["guidance_sweep"]]
         if scfg["guidance_sweep_joint"] and recipe.uses_control:
-            image_passes += sum(guidance_passes(g, g, True) for g in sweep)
-        n_images = sets + len(sweep) * (1 + int(scfg["guidance_sweep_joint"] and recipe.uses_control))
-        if recipe.uses_control and scfg["size_conditions"]:
-            image_passes += len(scfg["size_conditions"]) * seeds * passes
-            n_images += len(scfg["size_conditions"]) * seeds
-        samples = scfg["num_samples"]
-        job("sample", run.run_id, samples * (image_passes * scfg["steps"] * fwd + n_images * vae[run.resolution][1]))
+            sets += [(aux, guidance_passes(g, g, True)) for g in scfg["guidance_sweep"]]
+        if recipe.uses_control:
+            sets += [(aux, passes)] * (len(scfg["size_conditions"]) * seeds)
+        job("sample", run.run_id, sum(n * (p * scfg["steps"] * fwd + vae[run.resolution][1]) for n, p in sets))
         scored = (seeds if evaluation["inception_seeds"] is None else min(seeds, evaluation["inception_seeds"]))
-        scored *= len(snapshots) if evaluation["inception_snapshots"] == "all" else 1
+        scored *= samples
+        if evaluation["inception_snapshots"] == "all":
+            scored += (len(snapshots) - 1) * aux
         val = evaluation["val_loss"]
         val_flops = (val["timesteps"] * val["max_images"] * fwd * len(snapshots)
                      if "val_loss" in evaluation["metrics"] else 0.0)
-        job("evaluate", run.run_id, len(inception) * scored * samples * INCEPTION_FLOPS + val_flops)
+        job("evaluate", run.run_id, len(inception) * scored * INCEPTION_FLOPS + val_flops)
     return jobs
 
 

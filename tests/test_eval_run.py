@@ -266,3 +266,25 @@ def test_sample_grids_show_a_bounded_evenly_spaced_set_of_classes(tmp_path):
     picture = np.asarray(Image.open(tmp_path / "g.png"))
     assert picture.shape[0] == GRID_ROWS * (8 + 2) + 2 and picture.shape[1] == 4 * (8 + 2) + 2
     assert picture[2:10, 2:10].max() == 0 and picture[2:10, 2 + 2 * 10:10 + 2 * 10].min() == 255  # blank cells
+
+
+def test_aux_samples_bound_the_side_sets_to_the_first_images(scenario):
+    """`sampling.aux_samples`: intermediate snapshots, sweeps and size conditions draw the first n images of
+    the full set (same labels, same noise), the final snapshot all of them; evaluation runs on both."""
+    config, _ = scenario
+    full = shards(sample_run(config, RUN, log=lambda *_: None).parent)
+    config["sampling"]["aux_samples"] = 5
+    samples = sample_run(config, RUN, log=lambda *_: None).parent
+    aux = shards(samples)
+    index = json.loads((samples / "index.json").read_text())
+    assert index["aux_samples"] == 5 and [e["images"] for e in index["snapshots"]] == [5, 12]
+    assert aux["step-0000003.safetensors"]["images"].shape[0] == 5  # first seed, 5 images
+    assert torch.equal(aux["step-0000006.safetensors"]["images"], full["step-0000006.safetensors"]["images"])
+    assert aux["guidance.safetensors"]["images"].shape[0] == 3 * 5 and aux["sizes.safetensors"]["images"].shape[0] == 2 * 3 * 5
+    for name in ("step-0000003.safetensors", "guidance.safetensors"):
+        a, f = aux[name]["images"].int(), full[name]["images"].int()
+        first = f.reshape(-1, 12, *f.shape[1:])[:, :5].reshape(-1, *f.shape[1:])
+        assert (a - first).abs().max() <= 1  # the same images (a group of 5 may round its last bits apart)
+        assert torch.equal(aux[name]["labels"], full[name]["labels"].reshape(-1, 12)[:, :5].reshape(-1))
+    record = json.loads(evaluate_run(config, RUN, log=lambda *_: None).read_text())
+    assert record["curve"][0]["step"] == 3 and "fd_evaluator" in record["curve"][0]

@@ -110,13 +110,21 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
     if recipe.text_conditional:
         text, text_mask = sampling_captions(cache, labels, recipe, seed=scenario.config["seed"])
 
-    def draw(seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None) -> torch.Tensor:
-        latents = sample_latents(model, objective, None if text is not None else labels,
-                                 ctrl if recipe.uses_control else None, text=text, text_mask=text_mask,
+    # intermediate snapshots, sweeps and size conditions: the first `aux_samples` images (the same images as the
+    # full set's first ones: image i's noise depends on its seed and i only), e.g. FID-10k for a curve point
+    n_aux = min(scfg["aux_samples"] or len(labels), len(labels))
+
+    def draw(seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None,
+             n: int | None = None) -> torch.Tensor:
+        n = len(labels) if n is None else n
+        latents = sample_latents(model, objective, None if text is not None else labels[:n],
+                                 ctrl[:n] if recipe.uses_control else None,
+                                 text=None if text is None else text[:n],
+                                 text_mask=None if text_mask is None else text_mask[:n],
                                  latent_shape=latent_shape, steps=scfg["steps"],
                                  guidance_semantic=guidance,
                                  guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
-                                 guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, len(labels)),
+                                 guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, n),
                                  batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
                                  guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
                                  guidance_channels=scfg["guidance_channels"])
@@ -126,23 +134,25 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         step = snapshot_step(snapshot)
         model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
         # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
-        snapshot_seeds = scfg["seeds"] if snapshot == snapshots[-1] else scfg["seeds"][:1]
-        images = [draw(seed, scfg["guidance"], control) for seed in snapshot_seeds]
-        seeds = [torch.full((len(labels),), seed, dtype=torch.int64) for seed in snapshot_seeds]
+        final = snapshot == snapshots[-1]
+        snapshot_seeds = scfg["seeds"] if final else scfg["seeds"][:1]
+        n = len(labels) if final else n_aux
+        images = [draw(seed, scfg["guidance"], control, n=n) for seed in snapshot_seeds]
+        seeds = [torch.full((n,), seed, dtype=torch.int64) for seed in snapshot_seeds]
         name = f"step-{step:07d}.safetensors"
-        save_set(out / name, {"images": torch.cat(images), "labels": labels.repeat(len(snapshot_seeds)),
-                              "seeds": torch.cat(seeds), "control": control.repeat(len(snapshot_seeds), 1)})
-        entries.append({"step": step, "file": name, "seeds": snapshot_seeds})
-        log(f"{run.run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {len(labels)} images)")
+        save_set(out / name, {"images": torch.cat(images), "labels": labels[:n].repeat(len(snapshot_seeds)),
+                              "seeds": torch.cat(seeds), "control": control[:n].repeat(len(snapshot_seeds), 1)})
+        entries.append({"step": step, "file": name, "seeds": snapshot_seeds, "images": n})
+        log(f"{run.run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {n} images)")
     # the model now holds the final snapshot's weights
     extra = {}
     if scfg["guidance_sweep"]:
         scales = [float(g) for g in scfg["guidance_sweep"]]
         seed = scfg["seeds"][0]
-        images = [draw(seed, g, control) for g in scales]
+        images = [draw(seed, g, control, n=n_aux) for g in scales]
         save_set(out / "guidance.safetensors", {
-            "images": torch.cat(images), "labels": labels.repeat(len(scales)),
-            "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(len(labels))})
+            "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
+            "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
         extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
                                    "step": entries[-1]["step"]}
         log(f"{run.run_id}: guidance sweep at scales {scales} (seed {seed})")
@@ -150,10 +160,10 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
             # one joint scale on both conditions (the control scale follows the semantic one): the guided
             # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
             # compares two-scale guidance with (same seed, same noise, same weights)
-            images = [draw(seed, g, control, control_scale=g) for g in scales]
+            images = [draw(seed, g, control, control_scale=g, n=n_aux) for g in scales]
             save_set(out / "guidance_joint.safetensors", {
-                "images": torch.cat(images), "labels": labels.repeat(len(scales)),
-                "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(len(labels))})
+                "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
+                "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
             extra["guidance_sweep_joint"] = {**extra["guidance_sweep"], "file": "guidance_joint.safetensors"}
             log(f"{run.run_id}: joint guidance sweep at scales {scales} (seed {seed})")
     if scfg["size_conditions"] and not recipe.uses_control:
@@ -163,18 +173,19 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         images, seeds, size_col = [], [], []
         for seed in scfg["seeds"]:
             for size in sizes:
-                images.append(draw(seed, scfg["guidance"], whole_square_image(size, len(labels))))
-                seeds.append(torch.full((len(labels),), seed, dtype=torch.int64))
-                size_col.append(torch.full((len(labels),), size, dtype=torch.int64))
+                images.append(draw(seed, scfg["guidance"], whole_square_image(size, n_aux), n=n_aux))
+                seeds.append(torch.full((n_aux,), seed, dtype=torch.int64))
+                size_col.append(torch.full((n_aux,), size, dtype=torch.int64))
         n_sets = len(sizes) * len(scfg["seeds"])
-        save_set(out / "sizes.safetensors", {"images": torch.cat(images), "labels": labels.repeat(n_sets),
+        save_set(out / "sizes.safetensors", {"images": torch.cat(images), "labels": labels[:n_aux].repeat(n_sets),
                                              "seeds": torch.cat(seeds), "sizes": torch.cat(size_col),
-                                             "index": torch.arange(len(labels)).repeat(n_sets)})
+                                             "index": torch.arange(n_aux).repeat(n_sets)})
         extra["size_conditions"] = {"file": "sizes.safetensors", "sizes": sizes, "seeds": scfg["seeds"],
                                     "step": entries[-1]["step"]}
         log(f"{run.run_id}: size conditions {sizes} x {len(scfg['seeds'])} seeds")
     atomic_write_json(out / INDEX, {
         "run_id": run.run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
+        "aux_samples": n_aux,
         "sampler": sampler, "steps": scfg["steps"],
         "guidance": {"semantic": scfg["guidance"], "control": scfg["guidance_control"],
                      "interval": scfg["guidance_interval"], "schedule": scfg["guidance_schedule"],
