@@ -6,6 +6,7 @@ command with one line naming the culprit and exit code 2; anything else is a bug
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -34,8 +35,35 @@ def _stage(name: str):
     return call
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a record is emitted (test runners and callers that
+    redirect it keep receiving the lines), not to the stream of the moment it was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the current stderr is used instead
+        pass
+
+
+def _version() -> str:
+    """The installed package version and the hash of its source files (what metrics records call code_version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .provenance import code_version
+
+    try:
+        installed = version("ldm-recipes")
+    except PackageNotFoundError:
+        installed = "not installed"
+    return f"ldm {installed} (code {code_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, help_text, config=False, threads=False):
@@ -138,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the package's own log lines (progress of encode, training, evaluation) go to stderr, where Snakemake's
+    # per-job log files collect them; other libraries keep their own levels
+    package = logging.getLogger("ldm")
+    if not package.handlers:
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
