@@ -4,6 +4,10 @@
 # each one runs as a Snakemake module with its rules prefixed `<scenario>_`, and a stage may start from
 # another scenario's checkpoint (dataset transfer), which links their DAGs through that file.
 # Every config is validated (ldm/config.py + workflow/schemas/) before any job is scheduled.
+# Priorities: train_vae > encode > train > sample > evaluate, the rest 0, so with few cores the chain that
+# ends the pipeline (VAE, latents, pre-training, transfer, its samples and metrics) is never queued behind
+# side jobs (evaluator training, reference statistics) that can run beside it (measured on the default:
+# the pre-training used to wait 3 min behind them).
 import yaml
 
 from ldm.config import ConfigError, merge, study_scenarios, typed_overrides, validate

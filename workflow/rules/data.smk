@@ -83,6 +83,7 @@ rule check_data:
 if not CFG["autoencoder"]["pretrained"]:
 
     rule train_vae:
+        priority: 50  # the training chain first (Snakefile, "Priorities")
         input:
             [prepared(CFG["resolutions"]["low"]), prepared(CFG["resolutions"]["high"])],
         output:
@@ -99,6 +100,7 @@ if not CFG["autoencoder"]["pretrained"]:
 
 
 rule encode:
+    priority: 40  # the training chain first (Snakefile, "Priorities")
     input:
         prepared=str(L.prepared_report("{data}")),
         vae=[] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config),

@@ -74,6 +74,7 @@ rule reference_stats:
 
 
 rule sample:
+    priority: 20  # the training chain first (Snakefile, "Priorities")
     input:
         model=str(L.run("{run}").final),
         vae=[] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config),
@@ -91,6 +92,7 @@ rule sample:
 
 
 rule evaluate:
+    priority: 10  # the training chain first (Snakefile, "Priorities")
     input:
         samples=str(L.run("{run}").samples_index),
         evaluator=str(L.evaluator_config),

@@ -14,6 +14,7 @@ def train_inputs(wildcards):
 
 
 rule train:
+    priority: 30  # the training chain first (Snakefile, "Priorities")
     input:
         unpack(train_inputs),
     output:
