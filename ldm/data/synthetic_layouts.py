@@ -35,10 +35,11 @@ JPEG_QUALITY = 90
 SHARD_SIZE = 10000  # img2dataset's default number of samples per shard
 
 
-def synset_attributes(classes: int, seed: int) -> list[dict]:
-    """`classes` distinct attribute combinations in a seeded order: the synsets."""
+def synset_attributes(classes: int | None, seed: int) -> list[dict]:
+    """`classes` distinct attribute combinations in a seeded order (None: all of them): the synsets."""
     combos = [dict(zip(("shape", "colour", "size", "background", "position", "light"), c))
               for c in itertools.product(RICH_SHAPES, COLOURS, SIZES, BACKGROUNDS, POSITIONS, LIGHTS)]
+    classes = len(combos) if classes is None else classes
     if not 1 <= classes <= len(combos):
         raise ValueError(f"classes must be in 1..{len(combos)} (attribute combinations), got {classes}")
     random.Random(f"ldm-synsets:{seed}").shuffle(combos)
@@ -108,8 +109,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_cc12m_layout(root: Path, num_images: int, seed: int, shard_size: int = SHARD_SIZE) -> dict:
     """img2dataset webdataset shards of captioned images, no classes (module docstring)."""
     root.mkdir(parents=True, exist_ok=True)
-    attrs = synset_attributes(len(RICH_SHAPES) * len(COLOURS) * len(SIZES) * len(BACKGROUNDS) * len(POSITIONS)
-                              * len(LIGHTS), seed)
+    attrs = synset_attributes(None, seed)
     shards = 0
     for shard, start in enumerate(range(0, num_images, shard_size)):
         buf = io.BytesIO()
