@@ -8,6 +8,9 @@
 # ends the pipeline (VAE, latents, pre-training, transfer, its samples and metrics) is never queued behind
 # side jobs (evaluator training, reference statistics) that can run beside it (measured on the default:
 # the pre-training used to wait 3 min behind them).
+import os
+import re
+
 import yaml
 
 from ldm.config import ConfigError, merge, study_scenarios, typed_overrides, validate
@@ -22,6 +25,15 @@ if "name" not in config and "scenarios" not in config:
     config.update(merge(yaml.safe_load(open(workflow.source_path("config/default.yaml"))), _overrides))
 
 config.update(merge(config, typed_overrides(dict(workflow.config_settings.config or {}))))  # --config only
+
+# The SLURM profile (slurm/config.yaml) takes sbatch's account and partition from the environment; a variable
+# left unset would reach sbatch as a literal "$NAME" and fail per job, long after the DAG was planned.
+_unset = sorted({m for name in ("slurm_account", "slurm_partition")
+                 for raw in [getattr((workflow.resource_settings.default_resources or {}).get(name), "raw", None)]
+                 if isinstance(raw, str) for m in re.findall(r"\$\{?(\w+)", raw) if m not in os.environ})
+if _unset:
+    raise WorkflowError(f"the slurm profile needs {' and '.join(_unset)} (sbatch account / partition): export "
+                        f"{' '.join(v + '=...' for v in _unset)} and run again")
 
 SOURCE = ", ".join(map(str, getattr(workflow, "overwrite_configfiles", None) or [])) or "config/default.yaml"
 try:

@@ -113,8 +113,11 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
              ("all runs, one row per training seed", "tables/runs_per_seed.csv")]
     parts += ["## Plots and tables", ""]
     parts += [f"- [{label}]({path})" for label, path in plots if (results / path).exists()]
-    parts += [f"- samples of `{r['run_id']}`: [{Path(r['sample_grid']).name}](plots/{Path(r['sample_grid']).name})"
-              for r in records if r.get("sample_grid") and (results / "plots" / Path(r["sample_grid"]).name).exists()]
+    for r in records:
+        if r.get("sample_grid") and (results / "plots" / Path(r["sample_grid"]).name).exists():
+            parts.append(f"- samples of `{r['run_id']}`: [{Path(r['sample_grid']).name}](plots/{Path(r['sample_grid']).name})")
+            # text-to-image grids: the prompt of each image, in grid order (row by row)
+            parts += [f"  {k + 1}. {prompt[:120]}" for k, prompt in enumerate(r.get("sample_grid_prompts") or [])]
     parts += ["", "## Claims checklist", "", method_paragraph(study, seeds, several), "",
               claims_section(study, by_ref, arch_ranking(study, by_ref), efficiency, by_run, config), ""]
     path = results / "REPORT.md"

@@ -96,7 +96,8 @@ def test_protocol_texts_of_metrics_not_in_committed_records():
     texts = registry.protocol_texts(["fid_legacy_tf", "clip_score", "fid_clean"], 64, "openai/clip-vit-large-patch14")
     assert list(texts) == ["fid_legacy_tf", "clip_score", "fid_clean"]  # the order asked for
     assert texts["clip_score"] == ("100 * max(cos, 0) of CLIP openai/clip-vit-large-patch14 image and caption "
-                                   "embeddings, caption 'a photo of a {}' with the class name, mean over images")
+                                   "embeddings, mean over images; the caption is the image's own prompt "
+                                   "(text-conditional runs) or 'a photo of a {}' with the class name")
     assert texts["fid_clean"] == "clean-fid Inception FID, mode clean"
     assert texts["fid_legacy_tf"] == "clean-fid Inception FID, mode legacy_tensorflow"
 

@@ -140,7 +140,7 @@ class _Rows(dict):
 
 
 class _Cache:
-    """The things `sampling_captions` reads from a LatentDataset."""
+    """The things `class_caption_rows` and `caption_states` read from a LatentDataset."""
 
     def __init__(self, labels, lengths, dim=6, length=5):
         self.dir = "cache"
@@ -158,11 +158,12 @@ class _Cache:
 def test_sampling_captions_are_class_balanced_fixed_and_padded_as_trained():
     from ldm.config import RECIPE_DEFAULTS, merge
     from ldm.spec import Recipe, from_section
-    from ldm.stages.sample import sampling_captions as sample_captions
+    from ldm.stages.sample import caption_states, class_caption_rows
 
     def sampling_captions(cache, labels, recipe, seed):
         section = merge(RECIPE_DEFAULTS, {"arch": "dit", "size": "tiny", **recipe})
-        return sample_captions(cache, labels, from_section(Recipe, "text", section), seed=seed)
+        return caption_states(cache.rows(), class_caption_rows(cache, labels), from_section(Recipe, "text", section),
+                              seed)
 
     cache = _Cache(labels=[1, 0, 1, 0, 1], lengths=[2, 3, 1, 5, 2])
     labels = torch.arange(6) % 2  # a b a b a b

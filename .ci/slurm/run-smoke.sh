@@ -6,7 +6,9 @@
 #   - the smoke outputs exist (every run's checkpoint and metrics, the summary), and a dry rerun has nothing
 #     left to do.
 # It runs in its own directory (--directory), so its .snakemake lock and outputs never meet another
-# checkout user's `work/smoke` run. Writes "$RUN_DIR/result.env" (jobs=, snakemake_s=) for ci-step.sh.
+# checkout user's `work/smoke` run. The command is the README's, `snakemake --profile slurm` from the repository
+# root, with the test cluster's differences layered on top (--workflow-profile profiles/slurm-ci).
+# Writes "$RUN_DIR/result.env" (jobs=, snakemake_s=) for ci-step.sh.
 #
 # Env: LDM_SLURM_SMOKE_DIR (default <repo>/work/slurm-smoke; wiped first), PYTHON (default <repo>/.venv),
 #      CORES (2).
@@ -30,11 +32,14 @@ case "$node_state" in idle|mixed|allocated) ;; *) die "no usable SLURM node (sin
 rm -rf "$RUN_DIR"
 mkdir -p "$RUN_DIR"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+# what a user exports for the slurm profile (no accounting here: slurm-ci passes --slurm-no-account)
+export LDM_SLURM_ACCOUNT=${LDM_SLURM_ACCOUNT:-none} LDM_SLURM_PARTITION=${LDM_SLURM_PARTITION:-ci}
+cd "$REPO"  # Snakemake finds the profile named `slurm` in the working directory
 smk_log="$RUN_DIR/snakemake.log"
 t0=$(date +%s.%N)
 set +e
-"$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$RUN_DIR" --profile "$REPO/profiles/slurm-ci" \
-    --configfile "$REPO/config/smoke.yaml" --cores "$CORES" >"$smk_log" 2>&1
+"$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$RUN_DIR" --profile slurm \
+    --workflow-profile "$REPO/profiles/slurm-ci" --configfile "$REPO/config/smoke.yaml" --cores "$CORES" >"$smk_log" 2>&1
 rc=$?
 set -e
 t1=$(date +%s.%N)
@@ -78,8 +83,8 @@ done
 [ -s "$R/tables/runs.md" ] || die "missing $R/tables/runs.md"
 
 # A second dry run must find nothing to do (outputs complete, metadata consistent).
-dry=$("$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$RUN_DIR" --profile "$REPO/profiles/slurm-ci" \
-      --configfile "$REPO/config/smoke.yaml" --cores "$CORES" -n 2>&1) || { echo "$dry" >&2; die "dry rerun failed"; }
+dry=$("$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$RUN_DIR" --profile slurm \
+      --workflow-profile "$REPO/profiles/slurm-ci" --configfile "$REPO/config/smoke.yaml" --cores "$CORES" -n 2>&1) || { echo "$dry" >&2; die "dry rerun failed"; }
 grep -q 'Nothing to be done' <<<"$dry" || { echo "$dry" | tail -30 >&2; die "a rerun would still run jobs"; }
 
 printf 'jobs=%s\nsnakemake_s=%s\nruns=%s\n' "$expected" "$wall" "${#runs[@]}" >"$RUN_DIR/result.env"

@@ -95,6 +95,25 @@ class PreparedRows:
             self._cached = (i, pq.read_table(self.files[i], columns=self.COLUMNS).to_pydict())
         return self._cached[1]
 
+    def select(self, indices, columns: list[str]) -> dict[str, list]:
+        """`columns` of the rows at global `indices` (any order), reading only those columns of the shards
+        that hold them (captions of a few thousand held-out rows without decoding a single image)."""
+        import pyarrow.parquet as pq
+
+        indices = [int(i) for i in indices]
+        out: dict[str, list] = {c: [None] * len(indices) for c in columns}
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(indices):
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {i} outside the {len(self)} prepared rows")
+            by_file.setdefault(bisect.bisect_right(self.offsets, i) - 1, []).append((pos, i))
+        for k, wanted in sorted(by_file.items()):
+            table = pq.read_table(self.files[k], columns=columns).to_pydict()
+            for pos, i in wanted:
+                for c in columns:
+                    out[c][pos] = table[c][i - self.offsets[k]]
+        return out
+
     def rows(self, a: int, b: int) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in self.COLUMNS}
         i = bisect.bisect_right(self.offsets, a) - 1

@@ -23,12 +23,20 @@ Design choices:
   on CPU two runs with the same seed give bit-identical weights (and config.json: no timings in it).
 - Held in memory as uint8 at the input size (12 KiB per 64 px image): fine for the synthetic and small
   scenarios; for ImageNet-scale data train on a class-balanced subset.
+- Caption-only data (img2dataset tars: no classes) gets a caption tower instead of a class head: a
+  contrastive image-text model trained on the dataset's own pairs (symmetric InfoNCE, as CLIP), whose text
+  side is a bag of hashed words (`caption_tokens`). Why not a pretrained text encoder: the evaluator must
+  exist offline and must not share the generator's text encoder (a generator that learned that encoder's
+  quirks would be scored by them). It scores a sample against the prompt it was generated from
+  (`caption_score`, `caption_accuracy`), the offline stand-in for CLIPScore, never reported as clip_score.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -74,22 +82,42 @@ def to_float_batch(images) -> torch.Tensor:
     return images.to(torch.float32).contiguous()
 
 
+#: hashed-word vocabulary of the caption tower (collisions are rare at the caption lengths we meet)
+CAPTION_BUCKETS = 8192
+
+
+def caption_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(word ids, offsets) for `nn.EmbeddingBag`: lower-cased words and word bigrams hashed by crc32 (stable
+    across processes, unlike `hash`); an empty caption gets one id of its own, so it still has an embedding."""
+    ids, offsets = [], []
+    for caption in captions:
+        words = re.findall(r"[a-z0-9]+", (caption or "").lower())
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])] or ["<empty>"]
+        offsets.append(len(ids))
+        ids.extend(zlib.crc32(g.encode()) % CAPTION_BUCKETS for g in grams)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+
 def _block(cin: int, cout: int, stride: int, kernel: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
 
 
 class Evaluator(nn.Module):
-    """Shared conv trunk -> `feature_dim` features -> one linear head per entry of `vocab` ("class" first)."""
+    """Shared conv trunk -> `feature_dim` features -> one linear head per entry of `vocab` ("class" first),
+    and with `captions` a caption tower whose embeddings the image features are matched against."""
 
-    def __init__(self, vocab: dict[str, list[str]], input_size: int = 64, width: int = 32, feature_dim: int = 128):
+    def __init__(self, vocab: dict[str, list[str]], input_size: int = 64, width: int = 32, feature_dim: int = 128,
+                 captions: bool = False):
         super().__init__()
-        if "class" not in vocab:
-            raise ValueError("vocab must contain a 'class' head")
+        if "class" not in vocab and not captions:
+            raise ValueError("vocab must contain a 'class' head (or the evaluator must have a caption tower)")
+        if vocab and "class" not in vocab:
+            raise ValueError("attribute heads need a 'class' head")
         if input_size < 32 or input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")
-        self.head_names = ["class"] + sorted(k for k in vocab if k != "class")
+        self.head_names = (["class"] + sorted(k for k in vocab if k != "class")) if vocab else []
         self.vocab = {k: list(vocab[k]) for k in self.head_names}
-        self.input_size, self.width, self.feature_dim = input_size, width, feature_dim
+        self.input_size, self.width, self.feature_dim, self.captions = input_size, width, feature_dim, captions
         w = width
         self.trunk = nn.Sequential(
             _block(3, w, input_size // 32, kernel=input_size // 32 + 2), _block(w, 2 * w, 2),
@@ -97,6 +125,11 @@ class Evaluator(nn.Module):
         )
         self.feature = nn.Sequential(nn.Linear(17 * 4 * w, feature_dim), nn.SiLU())
         self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, len(self.vocab[k])) for k in self.head_names})
+        if captions:
+            self.words = nn.EmbeddingBag(CAPTION_BUCKETS, feature_dim, mode="mean")
+            self.text_proj = nn.Sequential(nn.SiLU(), nn.Linear(feature_dim, feature_dim))
+            self.image_proj = nn.Linear(feature_dim, feature_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.extra: dict = {}  # training record (accuracies, seed...) kept in config.json
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -107,6 +140,29 @@ class Evaluator(nn.Module):
         # (a corner, a notch) that averaging over the background would dilute: it is what makes shape learnable.
         f = self.feature(torch.cat([F.adaptive_avg_pool2d(h, 4).flatten(1), h.amax((2, 3))], 1))
         return f, {k: head(f) for k, head in self.heads.items()}
+
+    def embed_captions(self, captions: list[str]) -> torch.Tensor:
+        """Unit-norm caption embeddings (N, feature_dim)."""
+        ids, offsets = caption_tokens(captions)
+        device = self.words.weight.device
+        return F.normalize(self.text_proj(self.words(ids.to(device), offsets.to(device))), dim=-1)
+
+    def embed_images(self, features: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings from trunk features (the space captions are matched in)."""
+        return F.normalize(self.image_proj(features), dim=-1)
+
+    @torch.no_grad()
+    def caption_similarity(self, images, captions: list[str], batch_size: int = 256) -> np.ndarray:
+        """Cosine (N,) float64 of each image with its own caption in the caption tower's space."""
+        if not self.captions:
+            raise ValueError("this evaluator has no caption tower (trained on data with classes)")
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        out = []
+        for (f, _), a in zip(self._batches(images, batch_size), range(0, len(images), batch_size)):
+            text = self.embed_captions(list(captions[a:a + batch_size]))
+            out.append((self.embed_images(f) * text).sum(-1).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
 
     def _batches(self, images, batch_size: int):
         device = next(self.parameters()).device
@@ -143,7 +199,7 @@ class Evaluator(nn.Module):
     def config(self) -> dict:
         """Everything config.json holds: architecture, vocab, and the training record (held-out accuracy...)."""
         return {"format": FORMAT, "vocab": self.vocab, "heads": self.head_names, "input_size": self.input_size,
-                "width": self.width, "feature_dim": self.feature_dim, **self.extra}
+                "width": self.width, "feature_dim": self.feature_dim, "captions": self.captions, **self.extra}
 
 
 def _augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -169,17 +225,45 @@ def _validate(images: np.ndarray, labels: dict, vocab: dict) -> None:
             raise ValueError(f"labels[{k!r}] outside -1..{len(vocab[k]) - 1}")
 
 
+def caption_pair_accuracy(similarity_own: np.ndarray, similarity_other: np.ndarray) -> float:
+    """Share of images closer to their own caption than to another image's (chance 0.5; ties count half)."""
+    return float(np.mean((similarity_own > similarity_other) + 0.5 * (similarity_own == similarity_other)))
+
+
+def derangement(n: int) -> np.ndarray:
+    """The "other caption" of image i: caption (i + n // 2) mod n, never its own for n > 1, fixed (no RNG) so
+    the number is the same for every run scored on the same prompts."""
+    return (np.arange(n) + max(1, n // 2)) % n
+
+
+def _contrastive_loss(model: "Evaluator", features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch; pairs with the same caption (crops of one image, repeated prompts)
+    are not negatives of each other."""
+    img, txt = model.embed_images(features), model.embed_captions(captions)
+    logits = model.logit_scale.exp().clamp(max=100.0) * img @ txt.T
+    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([codes[c] for c in captions], device=logits.device)
+    same = (ids[:, None] == ids[None, :]) & ~torch.eye(len(captions), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(captions), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: dict[str, list[str]], out: Path,
                     steps: int, batch_size: int, seed: int, holdout: float = 0.1, *, input_size: int = 64,
                     width: int = 32, feature_dim: int = 128, lr: float = 1e-3,
-                    device: str = "cpu") -> dict[str, float | None]:
+                    device: str = "cpu", captions: list[str] | None = None) -> dict[str, float | None]:
     """Train on a random (1-holdout) share, report accuracy per head on the rest, save to `out`.
 
     Labels of -1 are ignored in the loss and in the accuracy. Returns {head: held-out accuracy}
-    (None for a head without held-out targets). `out/config.json` is written last, after the weights,
-    and records the weights' sha256, so a half-replaced pair is detected at load time.
+    (None for a head without held-out targets). With `captions` (one per image) the caption tower trains
+    beside the heads and the result has `caption`: held-out own-vs-other caption accuracy (`derangement`).
+    `out/config.json` is written last, after the weights, and records the weights' sha256, so a half-replaced
+    pair is detected at load time.
     """
     _validate(images, labels, vocab)
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     n = len(images)
@@ -191,7 +275,7 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
 
     with torch.random.fork_rng(devices=[]):  # own seed for init, without disturbing the caller's RNG
         torch.manual_seed(seed)
-        model = Evaluator(vocab, input_size, width, feature_dim)
+        model = Evaluator(vocab, input_size, width, feature_dim, captions=captions is not None)
     model.to(device)
     gen = torch.Generator().manual_seed(seed)
     x_all = torch.cat([resize_to_input(to_float_batch(images[i : i + 512]), input_size).round().clamp(0, 255)
@@ -212,8 +296,8 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
         idx = perm[pos : pos + batch_size]
         pos += batch_size
         x = _augment(x_all[idx].float(), max_shift, gen).to(device)
-        _, logits = model(x)
-        losses = []
+        features, logits = model(x)
+        losses = [] if captions is None else [_contrastive_loss(model, features, [captions[i] for i in idx.tolist()])]
         for k, lg in logits.items():
             y = y_all[k][idx].to(device)
             if (y >= 0).any():  # cross-entropy over an all-ignored batch is NaN
@@ -226,12 +310,20 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
         sched.step()
 
     acc: dict[str, float | None] = {k: None for k in model.head_names}
+    if captions is not None:
+        acc["caption"] = None
     if n_val:
         pred = model.predict(x_all[torch.as_tensor(val_idx)], batch_size=256)
         for k in model.head_names:
             y = np.asarray(labels[k])[val_idx]
             mask = y >= 0
             acc[k] = float((pred[k][mask] == y[mask]).mean()) if mask.any() else None
+        if captions is not None and n_val > 1:
+            held = x_all[torch.as_tensor(val_idx)]
+            own = [captions[i] for i in val_idx]
+            other = [own[j] for j in derangement(len(own))]
+            acc["caption"] = caption_pair_accuracy(model.caption_similarity(held, own),
+                                                   model.caption_similarity(held, other))
 
     model.to("cpu")
     out = Path(out)
@@ -260,7 +352,8 @@ def load_evaluator(path: str | Path, device: str = "cpu") -> Evaluator:
         raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
     if "weights_sha256" in cfg and file_sha256(weights) != cfg["weights_sha256"]:
         raise ValueError(f"{weights} does not match the sha256 recorded in {cfg_path}: retrain the evaluator")
-    model = Evaluator(cfg["vocab"], cfg["input_size"], cfg["width"], cfg["feature_dim"])
+    model = Evaluator(cfg["vocab"], cfg["input_size"], cfg["width"], cfg["feature_dim"],
+                      captions=cfg.get("captions", False))
     model.load_state_dict(load_file(weights))
     model.extra = {k: v for k, v in cfg.items() if k not in model.config}
     return model.to(device).eval()

@@ -44,6 +44,9 @@ class Need(str, enum.Enum):
     INCEPTION = "clean-fid's Inception and an Inception reference"
     SIZE_CONDITIONS = "samples of one noise at every sampling.size_conditions size"
     MODEL = "the snapshot's EMA weights and the held-out rows of the latent cache"
+    CLASSES = "classes in the data (caption-only data has none)"
+    PROMPTS = "the prompt each sample was generated from (text-conditional runs)"
+    CAPTION_TOWER = "the offline evaluator's caption tower (evaluator.captions)"
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ImageSet:
     labels: np.ndarray  # conditioning class per image
     features: np.ndarray  # evaluator features, N×F
     predictions: dict  # evaluator predictions, {"class": (N,)}
+    prompts: list | None = None  # the prompt of each image (text-conditional runs), else None
 
 
 class EvalContext(Protocol):
@@ -63,6 +67,7 @@ class EvalContext(Protocol):
     real_features: np.ndarray
     clip: Any
     classes: list[str]
+    evaluator: Any  # the offline evaluator (its caption tower for caption_score / caption_accuracy)
 
     def inception_reference(self, mode: str) -> Any: ...  # the Inception reference of one clean-fid mode
 
@@ -123,7 +128,17 @@ def _precision_recall(ctx: EvalContext, s: ImageSet) -> dict:
 def _clip_score(ctx: EvalContext, s: ImageSet) -> dict:
     from .clip_score import class_captions, clip_score
 
-    return {"clip_score": float(clip_score(s.images, class_captions(s.labels, ctx.classes), *ctx.clip).mean())}
+    captions = s.prompts if s.prompts is not None else class_captions(s.labels, ctx.classes)
+    return {"clip_score": float(clip_score(s.images, captions, *ctx.clip).mean())}
+
+
+def _caption_match(ctx: EvalContext, s: ImageSet) -> dict:
+    from .evaluator import caption_pair_accuracy, derangement
+
+    own = ctx.evaluator.caption_similarity(s.images, s.prompts)
+    other = ctx.evaluator.caption_similarity(s.images, [s.prompts[j] for j in derangement(len(s.prompts))])
+    return {"caption_score": float(100.0 * np.clip(own, 0, None).mean()),
+            "caption_accuracy": caption_pair_accuracy(own, other)}
 
 
 #: Inception metric -> clean-fid mode (`ldm.metrics.inception.PROTOCOLS` is its inverse; tests/test_metric_registry.py)
@@ -167,8 +182,12 @@ def _inception_fid(mode: str, name: str) -> Compute:
 def _clip_protocol(p: ProtocolInputs) -> str:
     from .clip_score import CAPTION_TEMPLATE
 
-    return (f"100 * max(cos, 0) of CLIP {p.clip_model} image and caption embeddings, "
-            f"caption '{CAPTION_TEMPLATE}' with the class name, mean over images")
+    return (f"100 * max(cos, 0) of CLIP {p.clip_model} image and caption embeddings, mean over images; the caption "
+            f"is the image's own prompt (text-conditional runs) or '{CAPTION_TEMPLATE}' with the class name")
+
+
+_CAPTION_TOWER = ("offline evaluator's caption tower (contrastive, trained on the dataset's own image-caption pairs; "
+                  "not CLIP, never comparable with clip_score)")
 
 
 _SIZES = "share of (seed, image) groups whose evaluator class is the same at every size in sampling.size_conditions"
@@ -181,7 +200,7 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                f"features, samples vs. all real prepared images at {p.resolution}px", _EVAL, _fd_evaluator,
                report_rank=0),
     MetricSpec("cond_accuracy", False, lambda p: "share of samples whose evaluator-predicted class equals the "
-               "conditioning class", frozenset({Need.PREDICTIONS}), _cond_accuracy, report_rank=3),
+               "conditioning class", frozenset({Need.PREDICTIONS, Need.CLASSES}), _cond_accuracy, report_rank=3),
     MetricSpec("precision", False, lambda p: f"improved precision (Kynkaanniemi et al. 2019, k={p.k}) on evaluator "
                "features: share of samples inside the k-NN manifold of all real prepared images", _PR,
                _precision_recall, group="precision_recall", report_rank=5),
@@ -189,13 +208,20 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                "k-NN manifold of the samples of one seed", _PR, _precision_recall, group="precision_recall",
                report_rank=6),
     MetricSpec("size_consistency", False, lambda p: f"{_SIZES} (same noise and class); _pairwise: mean agreement "
-               "over size pairs", frozenset({Need.PREDICTIONS, Need.SIZE_CONDITIONS}), None,
+               "over size pairs", frozenset({Need.PREDICTIONS, Need.SIZE_CONDITIONS, Need.CLASSES}), None,
                group="size_consistency", curve=False, report_rank=7),
     MetricSpec("size_consistency_pairwise", False, lambda p: "mean over pairs of sizes in sampling.size_conditions "
                "of the share of (seed, image) groups whose evaluator class agrees (with size_consistency)",
                frozenset({Need.PREDICTIONS, Need.SIZE_CONDITIONS}), None, group="size_consistency", curve=False,
                selectable=False),
     MetricSpec("clip_score", False, _clip_protocol, frozenset({Need.CLIP}), _clip_score, report_rank=4),
+    MetricSpec("caption_score", False, lambda p: f"100 * max(cos, 0) of image and own-prompt embeddings in the "
+               f"{_CAPTION_TOWER}, mean over images", frozenset({Need.PROMPTS, Need.CAPTION_TOWER}), _caption_match,
+               group="caption_match", report_rank=9),
+    MetricSpec("caption_accuracy", False, lambda p: f"share of samples closer to their own prompt than to another "
+               f"sample's (prompt (i + n // 2) mod n; chance 0.5) in the {_CAPTION_TOWER}",
+               frozenset({Need.PROMPTS, Need.CAPTION_TOWER}), _caption_match, group="caption_match",
+               report_rank=10),
     # computed per snapshot from the weights, not from an image set (`ldm.stages.evaluate`, `ldm.metrics.val_loss`)
     MetricSpec("val_loss", True, lambda p: "the objective's per-sample loss on held-out images (dataset.heldout), "
                "mean over t = (i + 0.5) / n and images, fixed noise per (image, t), EMA weights; compare only runs "

@@ -20,6 +20,7 @@ sha256), how many real and generated images, and which seeds and steps.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,24 @@ from ..spec import Run, Scenario
 class _Context:
     """What every image set is compared with; real images and their features loaded once, on first use."""
 
-    def __init__(self, scenario: Scenario, resolution: int, evaluator, ref_stats, classes: list[str], log):
+    def __init__(self, scenario: Scenario, resolution: int, evaluator, ref_stats, classes: list[str], log,
+                 prompts: list[str] | None = None):
         self.scenario, self.config = scenario, scenario.config
         self.resolution, self.evaluator, self.ref_stats = resolution, evaluator, ref_stats
         self.classes, self.wanted = classes, self.config["evaluation"]["metrics"]
         self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
         self._inception: dict[str, object] = {}
-        clip_users = [name for name in self.wanted if Need.CLIP in metric(name).needs]
+        unmet = {Need.CLASSES: None if classes else "the data has no classes (caption-only)",
+                 Need.PROMPTS: None if prompts is not None else "the run is not text-conditional (no prompts)",
+                 Need.CAPTION_TOWER: None if getattr(evaluator, "captions", False) else
+                 "the offline evaluator has no caption tower (evaluator.captions)"}
+        for name in self.wanted:
+            reason = next((why for need, why in unmet.items() if why and need in metric(name).needs), None)
+            if reason:
+                self.skipped[name] = f"{name} skipped: {reason}"
+                log(self.skipped[name])
+        self.prompts = prompts
+        clip_users = [name for name in self.wanted if Need.CLIP in metric(name).needs and name not in self.skipped]
         if clip_users:
             try:
                 self.clip = load_clip(self.config["evaluation"]["clip_model"])
@@ -94,12 +106,14 @@ class _Context:
                 self._inception[mode] = inception_statistics(self.real, mode, device=self.inception_device)
         return self._inception[mode]
 
-    def metrics(self, images: np.ndarray, labels: np.ndarray, skip=()) -> dict[str, float]:
-        """The wanted metrics of one image set (registry order), from one evaluator pass over it; those in
-        `skip` (besides the skipped ones) are left out."""
+    def metrics(self, images: np.ndarray, labels: np.ndarray, skip=(), wanted=None) -> dict[str, float]:
+        """The wanted metrics (default: the config's) of one image set (registry order), from one evaluator pass
+        over it; those in `skip` (besides the skipped ones) are left out. Image i's prompt is prompt i (every set
+        holds the first images of the run's prompt list)."""
         feats, pred = self.evaluator.features_and_predictions(images)
-        return compute_metrics(self, ImageSet(images, labels, feats, pred), self.wanted,
-                               skip={*self.skipped, *skip})
+        prompts = None if self.prompts is None else self.prompts[:len(images)]
+        return compute_metrics(self, ImageSet(images, labels, feats, pred, prompts),
+                               self.wanted if wanted is None else wanted, skip={*self.skipped, *skip})
 
 
 def _summary(per_seed: dict[str, list[float]]) -> dict:
@@ -113,11 +127,10 @@ def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
     fd, acc = [], []
     for scale in spec["scales"]:
         pick = data["scales"] == scale
-        feats, pred = ctx.evaluator.features_and_predictions(data["images"][pick])
-        values = compute_metrics(ctx, ImageSet(data["images"][pick], data["labels"][pick], feats, pred),
-                                 ["fd_evaluator", "cond_accuracy"])
+        values = ctx.metrics(data["images"][pick], data["labels"][pick],
+                             wanted=["fd_evaluator", *(["cond_accuracy"] if ctx.classes else [])])
         fd.append(values["fd_evaluator"])
-        acc.append(values["cond_accuracy"])
+        acc.append(values.get("cond_accuracy"))  # None on caption-only data
     best = int(np.argmin(fd))
     return {"scales": spec["scales"], "fd_evaluator": fd, "cond_accuracy": acc, "chosen_scale": spec["scales"][best],
             "criterion": "lowest fd_evaluator", "seed": spec["seed"], "step": spec["step"]}
@@ -154,7 +167,8 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
     want, have = ref_meta.get("evaluator_weights_sha256"), evaluator.config.get("weights_sha256")
     if want and have and want != have:
         raise ValueError(f"{ref_file} was computed with another evaluator (weights {want[:12]}, loaded {have[:12]})")
-    ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log)
+    prompts = read_prompts(samples_dir, index)
+    ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log, prompts)
     validation = ValidationLoss(scenario, run, log) if "val_loss" in wanted else None
     if validation is not None and validation.skipped:
         ctx.skipped["val_loss"] = validation.skipped
@@ -193,9 +207,9 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         if kind in index:
             extra[kind] = sweep = guidance_sweep(ctx, samples_dir, index[kind])
             log(f"{run_id} {kind.replace('_', ' ')}: " + ", ".join(
-                f"{g}: fd={f:.3f} acc={a:.3f}" for g, f, a in zip(sweep["scales"], sweep["fd_evaluator"],
+                f"{g}: fd={f:.3f} acc={a if a is None else round(a, 3)}" for g, f, a in zip(sweep["scales"], sweep["fd_evaluator"],
                                                                  sweep["cond_accuracy"])) + f"; chosen {sweep['chosen_scale']}")
-    if "size_consistency" in wanted:
+    if "size_consistency" in wanted and "size_consistency" not in ctx.skipped:
         if "size_conditions" in index:
             per_seed, by_size = size_consistency_per_seed(ctx, samples_dir, index["size_conditions"])
             summary.update(_summary(per_seed))
@@ -205,6 +219,8 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
             log(ctx.skipped["size_consistency"])
     grid_path = layout.sample_grid(run_id)
     shown = save_sample_grid(data, index["classes"], grid_path)
+    grid = ({"sample_grid_classes": [index["classes"][k] for k in shown]} if index["classes"] else
+            {"sample_grid_prompts": [prompts[i] if prompts else None for i in shown]})
     record = {
         "run_id": run_id,
         "recipe": run.recipe, "stage": run.stage, "resolution": run.resolution, "init_run": run.init_run,
@@ -219,14 +235,14 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         "reference": {"file": str(ref_file), "sha256": file_sha256(ref_file), **ref_meta},
         "evaluator_heldout_accuracy": evaluator.config.get("heldout_accuracy"),
         "evaluator_weights_sha256": evaluator.config.get("weights_sha256"),
-        "chance_accuracy": 1.0 / len(index["classes"]),
+        "chance_accuracy": 1.0 / len(index["classes"]) if index["classes"] else None,
         "step": entry["step"],
         "metrics": summary,
         **extra,
         "skipped": ctx.skipped,
         "curve": curve,
-        "sample_grid": str(grid_path),
-        "sample_grid_classes": [index["classes"][k] for k in shown],
+        "sample_grid": str(grid_path), **grid,
+        **({"prompts": index["prompts"]} if "prompts" in index else {}),
         "model": _model_cost(scenario, run, index),
     }
     if validation is not None and not validation.skipped:
@@ -352,15 +368,22 @@ def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
 
 def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> list[int]:
     """One row per shown class (`grid_classes`; first sampling seed), blank cells where a class has fewer
-    samples, upscaled with nearest-neighbour to at least `min_side` px. Returns the classes shown."""
+    samples, upscaled with nearest-neighbour to at least `min_side` px. Returns the classes shown; on data
+    without classes the grid is the first 2 * `per_class` images in prompt order, and it returns their
+    indices (the report lists their prompts)."""
     first = data["seeds"] == data["seeds"][0]
     images, labels = data["images"][first], data["labels"][first]
-    shown = grid_classes(len(classes))
     blank = torch.full((images.shape[3], images.shape[1], images.shape[2]), 255, dtype=torch.uint8)
     rows = []
-    for k in shown:
-        chosen = list(torch.from_numpy(images[labels == k][:per_class]).permute(0, 3, 1, 2))
-        rows.extend(chosen + [blank] * (per_class - len(chosen)))
+    if classes:
+        shown = grid_classes(len(classes))
+        for k in shown:
+            chosen = list(torch.from_numpy(images[labels == k][:per_class]).permute(0, 3, 1, 2))
+            rows.extend(chosen + [blank] * (per_class - len(chosen)))
+    else:
+        shown = list(range(min(len(images), 2 * per_class)))
+        rows = list(torch.from_numpy(images[shown]).permute(0, 3, 1, 2))
+        rows += [blank] * (-len(rows) % per_class)
     grid = make_grid(torch.stack(rows), nrow=per_class, padding=2, pad_value=255)
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     scale = max(1, -(-min_side // images.shape[1]))
@@ -371,6 +394,13 @@ def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int 
     picture.save(tmp)
     tmp.replace(path)
     return shown
+
+
+def read_prompts(samples_dir: Path, index: dict) -> list[str] | None:
+    """The prompt of every image of a text-conditional run (`ldm.stages.sample.PROMPTS`), else None."""
+    if "prompts" not in index:
+        return None
+    return json.loads((samples_dir / index["prompts"]["file"]).read_text())["prompts"]
 
 
 def run(args) -> None:

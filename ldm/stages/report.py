@@ -195,7 +195,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 def _finish_axes(ax, metric: str, chance: float, xlabel: str) -> None:
     """Labels with the metric's direction, chance level on accuracy axes, grid and legend."""
-    if metric == "cond_accuracy":
+    if metric == "cond_accuracy" and chance is not None:  # None: caption-only data, no classes
         ax.axhline(chance, color="gray", linestyle=":", label="chance")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({direction_word(metric)} is better)")
@@ -241,8 +241,11 @@ def plot_guidance_sweeps(records: list[dict], path: Path) -> bool:
     swept = _sweep_groups(records)
     if not swept:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, metric in zip(axes[0], ("fd_evaluator", "cond_accuracy")):
+    # cond_accuracy is None per scale on caption-only data (no classes): then fd_evaluator alone
+    metrics = [m for m in ("fd_evaluator", "cond_accuracy")
+               if all(v is not None for _, _, sweeps in swept for sweep in sweeps for v in sweep[m])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         for group, key, sweeps in swept:
             scales, mean, std = _mean_sweep(sweeps, metric)
             label = group + (" (joint scale)" if key == "guidance_sweep_joint" else "") + (

@@ -30,6 +30,9 @@ from ..config import load_scenario
 from ..control import whole_square_image
 from ..errors import ConfigError
 from ..data.latent_cache import LatentDataset
+from ..data.prepared import PreparedRows, read_report
+from ..data.split import image_key
+from ..layout import data_key
 from ..models import model_from_config
 from ..provenance import atomic_write_json
 from ..recipe import build_run_objective, pad_captions
@@ -49,8 +52,11 @@ RANDOM_LABELS_SEED = 0
 def sampling_conditions(num_samples: int, num_classes: int, original_size: int,
                         labels: str = "balanced") -> tuple[torch.Tensor, torch.Tensor]:
     """Class labels, balanced (image i gets class i mod K) or uniformly random (DiT's `sample_ddp.py`; drawn
-    once from a fixed generator), and the control of a whole square image."""
-    if labels == "random":
+    once from a fixed generator), and the control of a whole square image. Data without classes (captions
+    only): every label is -1."""
+    if num_classes == 0:
+        drawn = torch.full((num_samples,), -1, dtype=torch.int64)
+    elif labels == "random":
         drawn = torch.randint(0, num_classes, (num_samples,), generator=torch.Generator().manual_seed(RANDOM_LABELS_SEED))
     elif labels == "balanced":
         drawn = torch.arange(num_samples) % num_classes
@@ -68,24 +74,65 @@ def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, ba
     return torch.cat(out)
 
 
-def sampling_captions(cache: LatentDataset, labels: torch.Tensor, recipe: Recipe, seed: int):
-    """Caption states for text-conditional sampling: image i gets the (i // K)-th cached caption of its
-    class (cache order, cycling), so captions are class-balanced like the labels, fixed across seeds and
-    snapshots, and cond_accuracy still has a class to check. Padded as the recipe trains (the noise of
-    noisy_replicate from a fixed generator, so every sampling seed sees the same captions)."""
-    data = cache.rows()
-    if "text_emb" not in data:
-        raise ConfigError(f"{cache.dir}: text-conditional sampling needs caption states in the latent cache "
-                          "(it was encoded without a text encoder)")
-    labels_all = data.column("label")
+PROMPTS = "prompts.json"  # next to the samples index: the prompt of every image (text-conditional runs)
+
+
+def class_caption_rows(cache: LatentDataset, labels: torch.Tensor) -> torch.Tensor:
+    """Cache rows whose captions condition class-labelled samples: image i gets the (i // K)-th cached caption
+    of its class (cache order, cycling), so captions are class-balanced like the labels, fixed across seeds and
+    snapshots, and cond_accuracy still has a class to check."""
+    labels_all = cache.rows().column("label")
     by_class = [torch.nonzero(labels_all == c).flatten() for c in range(len(cache.classes))]
     empty = [cache.classes[c] for c, rows in enumerate(by_class) if len(rows) == 0]
     if empty:
         raise ConfigError(f"{cache.dir}: no cached caption of class(es) {empty} to condition on")
     K = len(cache.classes)
-    rows = torch.stack([by_class[int(c)][(i // K) % len(by_class[int(c)])] for i, c in enumerate(labels)])
+    return torch.stack([by_class[int(c)][(i // K) % len(by_class[int(c)])] for i, c in enumerate(labels)])
+
+
+def heldout_prompt_rows(cache: LatentDataset, prepared: PreparedRows, count: int) -> tuple[torch.Tensor, str]:
+    """Cache rows whose captions prompt a text-to-image run on data without classes: the held-out images
+    (`dataset.heldout`: never trained on, the captions a real text-to-image evaluation prompts with), one row
+    per image (its first crop), non-empty captions, in cache order, cycling when there are fewer than `count`;
+    the training images when nothing is held out. Returns (rows, where they came from)."""
+    source = "held-out captions"
+    candidates = cache.split_rows(heldout=True)
+    if len(candidates) == 0:
+        candidates, source = cache.split_rows(heldout=False), "training captions (dataset.heldout is 0)"
+    cols = prepared.select(candidates.tolist(), ["key", "caption"])
+    keep = [r for r, key, cap in zip(candidates.tolist(), cols["key"], cols["caption"])
+            if image_key(key) == key and (cap or "").strip()]
+    if not keep:
+        raise ConfigError(f"{cache.dir}: no {source.split(' (')[0]} to prompt text-to-image sampling with")
+    return torch.tensor([keep[i % len(keep)] for i in range(count)], dtype=torch.int64), source
+
+
+def caption_states(data, rows: torch.Tensor, recipe: Recipe, seed: int):
+    """(states, mask) of the cached captions at `rows`, padded as the recipe trains (the noise of
+    noisy_replicate from a generator seeded by `seed`, so every sampling seed sees the same captions)."""
     picked = data.gather(rows, ["text_emb", "text_len"])
     return pad_captions(recipe, picked["text_emb"], picked["text_len"], torch.Generator().manual_seed(seed))
+
+
+def sampling_prompts(scenario: Scenario, run: Run, cache: LatentDataset, labels: torch.Tensor, recipe: Recipe):
+    """(caption states, mask, prompts record) of a text-conditional run: class-balanced captions on data with
+    classes (`class_caption_rows`), held-out captions on caption-only data (`heldout_prompt_rows`), padded by
+    `caption_states`. The record names each image's prompt text and cache row (what CLIPScore scores against)."""
+    data = cache.rows()
+    if "text_emb" not in data:
+        raise ConfigError(f"{cache.dir}: text-conditional sampling needs caption states in the latent cache "
+                          "(it was encoded without a text encoder)")
+    prepared_dir = scenario.layout.prepared(data_key(run.resolution))
+    prepared = PreparedRows(prepared_dir, read_report(prepared_dir))
+    if len(prepared) != len(cache):
+        raise ConfigError(f"{cache.dir} has {len(cache)} rows but {prepared_dir} {len(prepared)}: re-encode the cache")
+    if cache.classes:
+        rows, source = class_caption_rows(cache, labels), "training captions of the sampled class"
+    else:
+        rows, source = heldout_prompt_rows(cache, prepared, len(labels))
+    text, mask = caption_states(data, rows, recipe, scenario.config["seed"])
+    record = {"source": source, "rows": rows.tolist(), "prompts": prepared.select(rows.tolist(), ["caption"])["caption"]}
+    return text, mask, record
 
 
 def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
@@ -106,9 +153,13 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
     snapshots = list_snapshots(paths.checkpoints)
     sampler = scenario.sampler(run)
 
-    text, text_mask = None, None
+    text, text_mask, prompts = None, None, None
     if recipe.text_conditional:
-        text, text_mask = sampling_captions(cache, labels, recipe, seed=scenario.config["seed"])
+        text, text_mask, prompts = sampling_prompts(scenario, run, cache, labels, recipe)
+        atomic_write_json(out / PROMPTS, prompts)
+    elif not cache.classes:
+        raise ConfigError(f"recipe {run.recipe}: class-conditional sampling on {cache.dir}, which has no classes "
+                          "(caption-only data needs `conditioning: text`)")
 
     # intermediate snapshots, sweeps and size conditions: the first `aux_samples` images (the same images as the
     # full set's first ones: image i's noise depends on its seed and i only), e.g. FID-10k for a curve point
@@ -195,8 +246,11 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         "original_size": scfg["original_size"], "classes": cache.classes, "resolution": run.resolution,
         # what evaluation needs to cost the model (REPORT.md's efficiency table) without the checkpoint
         "model_config": model_config, "latent_shape": list(latent_shape),
-        "text_tokens": 0 if text is None else int(text.shape[1]), **extra,
+        "text_tokens": 0 if text is None else int(text.shape[1]),
+        **({"prompts": {"file": PROMPTS, "source": prompts["source"]}} if prompts else {}), **extra,
     })
+    if prompts is None and (out / PROMPTS).exists():
+        (out / PROMPTS).unlink()
     for stale in ("guidance.safetensors", "guidance_joint.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
         if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
             (out / stale).unlink()
