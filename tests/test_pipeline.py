@@ -186,3 +186,19 @@ def test_workdir_with_a_space_and_a_command_substitution_is_a_path(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((project / weird / "prepared" / "synthetic" / "r16" / "report.json").read_text())["kept"] == 24
     assert not list(tmp_path.rglob("PWNED")) and not (project / "w").exists()
+
+
+def test_the_readme_slurm_command_resolves_the_profile_and_names_missing_variables(tmp_path):
+    """`snakemake --profile slurm` from the repository root, as the README writes it (dry run: nothing submitted)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LDM_SLURM_ACCOUNT", "LDM_SLURM_PARTITION")}
+    cmd = [sys.executable, "-m", "snakemake", "--profile", "slurm", "-n", "--configfile", "config/paper.yaml",
+           "--directory", str(tmp_path)]
+    missing = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert missing.returncode != 0
+    said = missing.stdout + missing.stderr  # Snakemake prints a Snakefile's WorkflowError on stdout
+    assert "the slurm profile needs LDM_SLURM_ACCOUNT and LDM_SLURM_PARTITION (sbatch account / partition)" in said, \
+        said[-2000:]
+    planned = subprocess.run(cmd + ["--quiet", "rules"], cwd=REPO, capture_output=True, text=True,
+                             env={**env, "HF_HUB_OFFLINE": "1", "LDM_SLURM_ACCOUNT": "a", "LDM_SLURM_PARTITION": "p"})
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "imagenet1k_train" in planned.stdout and "cc12m_train" in planned.stdout  # the paper grid, both scenarios
