@@ -5,7 +5,10 @@ be rebuilt anywhere the small results are checked out. With training seeds (`tra
 one record per seed, sharing a `run_group`; the runs table, transfer table, curves and sweep figure show one
 entry per run group: mean ± std over training seeds (each seed's value being its mean over sampling seeds),
 and for a run trained once mean ± std over its sampling seeds, as before. Per-seed rows stay in
-`tables/runs_per_seed.csv`, the per-seed curves in `plots/curves/<run id>.csv`. Runs with a guidance sweep get
+`tables/runs_per_seed.csv`, every run's curve points in one long table `plots/curves.csv` (a `run` column; what
+`dvc plots show` overlays, one line per run, through `dvc_plots/by_run.json`), and one flat file of final numbers
+per run in `summary/<run id>.json` (`dvc metrics show`: one row per run, one column per metric; `summary.json`
+holds the same numbers in one file for scripts). Runs with a guidance sweep get
 one combined sweep figure (`plots/guidance.png`: fd_evaluator and cond_accuracy against the semantic scale, the
 chosen scale marked, the joint-scale sweep dashed) and a table of every sweep point.
 """
@@ -291,15 +294,20 @@ def build_report(config: dict) -> dict:
     if plot_guidance_sweeps(records, layout.plot("guidance.png")):
         write_table(guidance_table(records), layout.table("guidance_sweep"),
                     "Guidance sweep (final weights, first seed)")
-    for rec in records:  # per-run curve data for `dvc plots`
-        atomic_write_bytes(layout.plot("curves") / f"{rec['run_id']}.csv",
-                           pd.DataFrame(rec["curve"]).to_csv(index=False).encode())
+    curves = pd.concat([pd.DataFrame(rec["curve"]).assign(run=rec["run_id"]) for rec in records], ignore_index=True)
+    atomic_write_bytes(layout.plot("curves.csv"), curves[["run", *[c for c in curves if c != "run"]]]
+                       .to_csv(index=False).encode())
     summary = {rec["run_id"]: {name: round(stats["mean"], 6) for name, stats in rec["metrics"].items()}
                for rec in records}
     for rec in records:
         if rec.get("guidance_sweep"):
             summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
     write_study_report(config, records, layout.results)  # REPORT.md, when the config has a `study` section
+    for stale in (layout.results / "summary").glob("*.json"):
+        if stale.stem not in summary:
+            stale.unlink()
+    for run_id, numbers in summary.items():
+        atomic_write_json(layout.results / "summary" / f"{run_id}.json", numbers)
     atomic_write_json(layout.summary, summary)
     return summary
 
