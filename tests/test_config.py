@@ -30,7 +30,7 @@ def default_raw() -> dict:
     return yaml.safe_load((REPO / "config" / "default.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "small.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "small.yaml", "small_reseed.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(REPO / "config" / name)
     assert config["training"]["betas"] == [0.9, 0.95]
@@ -329,3 +329,19 @@ def test_study_configs_plan_their_dag(configfile, tmp_path):
                           str(tmp_path), "--configfile", str(REPO / "config" / configfile), "--cores", "1", "-n"],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_reseed_config_is_small_with_other_training_seeds_and_the_claim_grid():
+    """config/small_reseed.yaml repeats small.yaml's settings (a config cannot include another): they must not drift."""
+    small, reseed = (yaml.safe_load((REPO / "config" / f"{n}.yaml").read_text()) for n in ("small", "small_reseed"))
+    for key in set(small) | set(reseed):
+        if key in ("name", "results", "train_seeds", "recipes", "study"):
+            continue
+        assert reseed.get(key) == small.get(key), key
+    assert not set(reseed["train_seeds"]) & set(small["train_seeds"])
+    for name, recipe in reseed["recipes"].items():
+        assert {k: v for k, v in recipe.items() if k != "stages"} == \
+            {k: v for k, v in small["recipes"][name].items() if k != "stages"}, name
+        assert set(recipe["stages"]) <= set(small["recipes"][name]["stages"]), name
+    for key in ("claims", "efficiency", "equivalence_margin"):
+        assert reseed["study"][key] == small["study"][key], key
