@@ -25,6 +25,8 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 #: Values a config may leave out. Documented in config/default.yaml; "assumed" where the paper is silent.
 DEFAULTS: dict = {
     "threads": 1,
+    # live training curves beside log.jsonl (ldm.tracking): dvclive, tensorboard; [] for none
+    "tracking": ["dvclive"],
     # Cluster resources per rule; a laptop run ignores them (assumed values for the paper scale live in
     # config/paper.yaml). runtime in minutes.
     "resources": {"default": {"gpus": 0, "nodes": 1, "cpus": 1, "mem_mb": 4000, "runtime": 60}},

@@ -73,12 +73,10 @@ def test_stage_cycle_is_rejected():
         expand_runs(validate(raw))
 
 
-def test_dry_run_lists_the_whole_dag_quickly(tmp_path):
-    start = time.perf_counter()
+def test_dry_run_lists_the_whole_dag(tmp_path):
     out = subprocess.run(SNAKEMAKE + ["-n", "--cores", "2", "--snakefile", str(REPO / "Snakefile"),
                                       "--directory", str(tmp_path), "--quiet", "rules"],
                          capture_output=True, text=True, check=True)
-    elapsed = time.perf_counter() - start
     counts = {}
     for line in out.stdout.splitlines():
         parts = line.split()
@@ -87,7 +85,6 @@ def test_dry_run_lists_the_whole_dag_quickly(tmp_path):
     assert counts == {"all": 1, "check_data": 2, "encode": 2, "evaluate": 3, "prepare": 2, "reference_stats": 2,
                       "report": 1, "sample": 3, "synthesize": 1, "train": 3, "train_evaluator": 1, "train_vae": 1,
                       "total": 22}
-    assert elapsed < 30
 
 
 def test_config_typo_fails_before_any_job(tmp_path):

@@ -43,6 +43,7 @@ from ..optim import adamw, ema_decay_at, load_optimizer_state, lr_at, optimizer_
 from ..provenance import digest
 from ..recipe import build_run_model, build_run_objective, training_inputs
 from ..spec import Run, Scenario
+from ..tracking import Trackers
 from ..transfer import transfer_state
 
 #: Exit code after a clean stop on SIGTERM/SIGUSR1 (preemption): EX_TEMPFAIL, "try again later".
@@ -331,6 +332,8 @@ class Trainer:
         self.weights = None if self.fsdp else self.raw_model.state_dict()
         progress = tqdm(range(start, total), initial=start, total=total, desc=self.run.run_id, file=sys.stderr,
                         mininterval=5, disable=not self.main)
+        trackers = Trackers(self.scenario.config["tracking"], self.paths.dir, self.paths.log, start) \
+            if self.main else None
         window = _LogWindow(self.paths.log, self.batch_size, self.world, self.grad_accum)
         self.model.train()
         for step in progress:
@@ -340,6 +343,7 @@ class Trainer:
             window.add(None if grad_norm is None else step_loss.item())
             if (done % LOG_EVERY == 0 or done == total) and self.main:
                 record = window.write(done, grad_norm, lr, self.nonfinite_skips)
+                trackers.log(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if done in targets:
                 self.snapshot(done, evaluated=True)
@@ -350,6 +354,7 @@ class Trainer:
                          "to be requeued")
                 sys.exit(PREEMPTED_EXIT_CODE)
         if self.main:
+            trackers.close()
             export_final(latest_snapshot(self.paths.checkpoints, self.paths.resume), self.paths.final,
                          self.model_config, self.run.run_id, total, digest(self.scenario.run_section(self.run)))
         self.accelerator.wait_for_everyone()
