@@ -6,19 +6,49 @@ per snapshot (and per extra set: guidance sweep, size conditions), never as one 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .layout import SAMPLES_INDEX as INDEX
 
 
-def save_set(path: Path, tensors: dict) -> None:
+def save_set(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write one sample set atomically (a killed job leaves no half-written shard)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+class FinishedParts:
+    """The image sets a sampling job has finished, kept until the job ends, so a killed job (preempted, out of
+    time, SIGKILL) redoes only what it had not finished: one file per (set, seed) under `samples/parts/`,
+    written atomically, reused only when its `key` (a digest of everything the images depend on: run and
+    sampling settings, the snapshot's weights) matches."""
+
+    def __init__(self, samples_dir: Path, log=print):
+        self.dir, self.log, self.reused = samples_dir / "parts", log, 0
+
+    def get(self, name: str, key: str, make) -> torch.Tensor:
+        """The images of part `name`: from its file when it was finished with this `key`, else `make()`."""
+        path = self.dir / f"{name}.safetensors"
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    self.reused += 1
+                    return f.get_tensor("images")
+        images = make()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_set(path, {"images": images}, {"key": key})
+        return images
+
+    def clear(self) -> None:
+        """Every set is in its final file: the parts go."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def load_set(samples_dir: Path, entry: dict) -> dict[str, np.ndarray]:

@@ -288,3 +288,46 @@ def test_aux_samples_bound_the_side_sets_to_the_first_images(scenario):
         assert torch.equal(aux[name]["labels"], full[name]["labels"].reshape(-1, 12)[:, :5].reshape(-1))
     record = json.loads(evaluate_run(config, RUN, log=lambda *_: None).read_text())
     assert record["curve"][0]["step"] == 3 and "fd_evaluator" in record["curve"][0]
+
+
+def test_an_interrupted_sampling_job_redoes_only_what_it_had_not_finished(scenario, monkeypatch):
+    """A job killed mid-way (here: dies on its 4th image set) keeps the sets it finished; the rerun samples only
+    the others and writes the same bytes as an uninterrupted job. Parts from other settings are never reused."""
+    config, _ = scenario
+    full = shards(sample_run(config, RUN, log=lambda *_: None).parent)
+    samples = Layout.of(config).run(RUN).samples
+    shutil.rmtree(samples)
+    real_draw, calls = sample_mod.sample_latents, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch and carry on
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(sample_mod, "sample_latents", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sample_run(config, RUN, log=lambda *_: None)
+    assert len(list((samples / "parts").glob("*.safetensors"))) == 3 and not (samples / "index.json").exists()
+    calls.clear()
+    lines = []
+    monkeypatch.setattr(sample_mod, "sample_latents", real_draw)
+    counted = lambda *a, **k: calls.append(1) or real_draw(*a, **k)  # noqa: E731
+    monkeypatch.setattr(sample_mod, "sample_latents", counted)
+    sample_run(config, RUN, log=lines.append)
+    total = 1 + 2 + 3 + 2 * 3  # step 3: seed 0; step 6: seeds 0, 1; sweep 3 scales; sizes 2 seeds x 3 sizes
+    assert len(calls) == total - 3 and any("3 image set(s) reused" in line for line in lines)
+    again = shards(samples)
+    assert again.keys() == full.keys() and all(torch.equal(again[k][n], full[k][n]) for k in full for n in full[k])
+    assert not (samples / "parts").exists()  # a finished job leaves only its sets
+    # a part left by a job with other settings is redone, not reused
+    shutil.rmtree(samples)
+    monkeypatch.setattr(sample_mod, "sample_latents", dying)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sample_run(config, RUN, log=lambda *_: None)
+    config["sampling"]["guidance"] = 3.0
+    monkeypatch.setattr(sample_mod, "sample_latents", counted)
+    calls.clear()
+    sample_run(config, RUN, log=lambda *_: None)
+    assert len(calls) == total

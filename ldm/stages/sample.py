@@ -34,9 +34,9 @@ from ..data.prepared import PreparedRows, read_report
 from ..data.split import image_key
 from ..layout import data_key
 from ..models import model_from_config
-from ..provenance import atomic_write_json
+from ..provenance import atomic_write_json, digest, file_sha256
 from ..recipe import build_run_objective, pad_captions
-from ..samples import INDEX, save_set
+from ..samples import INDEX, FinishedParts, save_set
 from ..sampling import FORWARD_BATCH, sample_latents
 from ..spec import Recipe, Run, Scenario
 
@@ -161,6 +161,13 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         raise ConfigError(f"recipe {run.recipe}: class-conditional sampling on {cache.dir}, which has no classes "
                           "(caption-only data needs `conditioning: text`)")
 
+    # A killed job keeps the sets it finished (`FinishedParts`); the key names everything the images depend on
+    # (the sample rule's hash, the snapshot's weights, the VAE, the prompts).
+    parts = FinishedParts(out, log)
+    vae_id = file_sha256(scenario.layout.trained_vae_config) if scenario.layout.trained_vae_config.is_file() else \
+        str(scenario.config["autoencoder"].get("pretrained"))
+    base_key = [scenario.run_section(run), scenario.config["sampling"], vae_id, None if prompts is None else prompts["rows"]]
+
     # intermediate snapshots, sweeps and size conditions: the first `aux_samples` images (the same images as the
     # full set's first ones: image i's noise depends on its seed and i only), e.g. FID-10k for a curve point
     n_aux = min(scfg["aux_samples"] or len(labels), len(labels))
@@ -184,11 +191,13 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
     for snapshot in snapshots:
         step = snapshot_step(snapshot)
         model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
+        weights = file_sha256(snapshot / "ema.safetensors")
         # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
         final = snapshot == snapshots[-1]
         snapshot_seeds = scfg["seeds"] if final else scfg["seeds"][:1]
         n = len(labels) if final else n_aux
-        images = [draw(seed, scfg["guidance"], control, n=n) for seed in snapshot_seeds]
+        images = [parts.get(f"step-{step:07d}.seed-{seed}", digest([*base_key, weights, step, seed, n]),
+                            lambda: draw(seed, scfg["guidance"], control, n=n)) for seed in snapshot_seeds]
         seeds = [torch.full((n,), seed, dtype=torch.int64) for seed in snapshot_seeds]
         name = f"step-{step:07d}.safetensors"
         save_set(out / name, {"images": torch.cat(images), "labels": labels[:n].repeat(len(snapshot_seeds)),
@@ -197,10 +206,15 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         log(f"{run.run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {n} images)")
     # the model now holds the final snapshot's weights
     extra = {}
+
+    def final_part(name: str, *settings, make) -> torch.Tensor:
+        return parts.get(name, digest([*base_key, weights, *settings]), make)
+
     if scfg["guidance_sweep"]:
         scales = [float(g) for g in scfg["guidance_sweep"]]
         seed = scfg["seeds"][0]
-        images = [draw(seed, g, control, n=n_aux) for g in scales]
+        images = [final_part(f"guidance-{g}", "guidance", seed, g, n_aux, make=lambda: draw(seed, g, control, n=n_aux))
+                  for g in scales]
         save_set(out / "guidance.safetensors", {
             "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
             "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
@@ -211,7 +225,8 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
             # one joint scale on both conditions (the control scale follows the semantic one): the guided
             # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
             # compares two-scale guidance with (same seed, same noise, same weights)
-            images = [draw(seed, g, control, control_scale=g, n=n_aux) for g in scales]
+            images = [final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux,
+                                 make=lambda: draw(seed, g, control, control_scale=g, n=n_aux)) for g in scales]
             save_set(out / "guidance_joint.safetensors", {
                 "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
                 "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
@@ -224,7 +239,9 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         images, seeds, size_col = [], [], []
         for seed in scfg["seeds"]:
             for size in sizes:
-                images.append(draw(seed, scfg["guidance"], whole_square_image(size, n_aux), n=n_aux))
+                images.append(final_part(f"size-{size}.seed-{seed}", "size", seed, size, n_aux,
+                                         make=lambda: draw(seed, scfg["guidance"], whole_square_image(size, n_aux),
+                                                           n=n_aux)))
                 seeds.append(torch.full((n_aux,), seed, dtype=torch.int64))
                 size_col.append(torch.full((n_aux,), size, dtype=torch.int64))
         n_sets = len(sizes) * len(scfg["seeds"])
@@ -249,6 +266,9 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         "text_tokens": 0 if text is None else int(text.shape[1]),
         **({"prompts": {"file": PROMPTS, "source": prompts["source"]}} if prompts else {}), **extra,
     })
+    parts.clear()
+    if parts.reused:
+        log(f"{run.run_id}: {parts.reused} image set(s) reused from an interrupted job")
     if prompts is None and (out / PROMPTS).exists():
         (out / PROMPTS).unlink()
     for stale in ("guidance.safetensors", "guidance_joint.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
