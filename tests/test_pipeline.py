@@ -6,6 +6,7 @@ the jobs downstream of it.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -202,3 +203,38 @@ def test_the_readme_slurm_command_resolves_the_profile_and_names_missing_variabl
                              env={**env, "HF_HUB_OFFLINE": "1", "LDM_SLURM_ACCOUNT": "a", "LDM_SLURM_PARTITION": "p"})
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "imagenet1k_train" in planned.stdout and "cc12m_train" in planned.stdout  # the paper grid, both scenarios
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("CI") == "true":
+        pytest.fail("chromium is not installed: CI runs .ci/browser/install.sh first")
+    return found
+
+
+def test_the_html_report_opens_in_a_browser_with_every_image(smoke_run, tmp_path):
+    """REPORT.html of a real run, loaded by headless Chromium: every image loads and the page is not blank."""
+    import numpy as np
+    from PIL import Image
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed (.ci/browser/install.sh installs it)")
+    page = smoke_run / "work" / "smoke" / "results" / "REPORT.html"
+    text = page.read_text()
+    assert "<img" in text and 'src="plots/' not in text  # figures are inside the page, not beside it
+    base = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run(base + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    loaded = re.search(r"<title>images (\d+)/(\d+) loaded</title>", dom.stdout)
+    assert loaded, dom.stdout[:500]
+    assert int(loaded.group(2)) >= 4 and loaded.group(1) == loaded.group(2)  # curves + 3 sample grids at least
+    shot = tmp_path / "report.png"
+    out = subprocess.run(base + [f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and shot.is_file(), out.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page

@@ -30,6 +30,7 @@ from ..metrics.registry import curve_metrics, direction_word, lower_is_better  #
 from ..provenance import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ..seed_groups import compare, format_stat, group_records, group_stat, run_group, train_seed  # noqa: E402
 from ..spec import expand_runs  # noqa: E402
+from ..html_report import write_html_report  # noqa: E402
 from ..study import write_study_report  # noqa: E402
 from ..verdicts import DEFAULT_MARGIN  # noqa: E402
 
@@ -303,6 +304,7 @@ def build_report(config: dict) -> dict:
         if rec.get("guidance_sweep"):
             summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
     write_study_report(config, records, layout.results)  # REPORT.md, when the config has a `study` section
+    write_html_report(layout.results, f"{config['name']}: results")  # the same page, figures inside, for a browser
     for stale in (layout.results / "summary").glob("*.json"):
         if stale.stem not in summary:
             stale.unlink()
