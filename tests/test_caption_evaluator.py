@@ -8,7 +8,7 @@ import torch
 
 from ldm.metrics.evaluator import (Evaluator, caption_pair_accuracy, caption_tokens, derangement, load_evaluator,
                                    train_evaluator)
-from tests.test_metrics import CLASSES, shapes
+from test_metrics import CLASSES, shapes
 
 COLOUR_WORDS = ["red", "green", "blue", "yellow"]
 # captions of widely different length and wording, as web captions are

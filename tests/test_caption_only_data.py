@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from tests.test_pipeline import _snakemake_config
+from test_pipeline import _snakemake_config
 
 COLOURS = {"red": (210, 40, 40), "blue": (40, 70, 220), "yellow": (235, 205, 30)}
 SHAPES = ["circle", "square"]
