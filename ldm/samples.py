@@ -56,6 +56,17 @@ def load_set(samples_dir: Path, entry: dict) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in load_file(str(samples_dir / entry["file"])).items()}
 
 
+#: next to the index: the prompt of every image of a text-conditional run
+PROMPTS = "prompts.json"
+
+
+def read_prompts(samples_dir: Path, index: dict) -> list[str] | None:
+    """The prompt of every image of a text-conditional run (image i: prompt i), else None."""
+    if "prompts" not in index:
+        return None
+    return json.loads((samples_dir / index["prompts"]["file"]).read_text())["prompts"]
+
+
 def read_index(samples_dir: Path) -> dict:
     path = samples_dir / INDEX
     if not path.is_file():

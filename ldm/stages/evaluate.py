@@ -20,7 +20,6 @@ sha256), how many real and generated images, and which seeds and steps.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics
                                 protocol_texts)
 from ..models.inventory import run_cost
 from ..provenance import atomic_write_json, code_version, digest, file_sha256
-from ..samples import load_set, read_index
+from ..samples import load_set, read_index, read_prompts
 from ..spec import Run, Scenario
 
 
@@ -394,13 +393,6 @@ def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int 
     picture.save(tmp)
     tmp.replace(path)
     return shown
-
-
-def read_prompts(samples_dir: Path, index: dict) -> list[str] | None:
-    """The prompt of every image of a text-conditional run (`ldm.stages.sample.PROMPTS`), else None."""
-    if "prompts" not in index:
-        return None
-    return json.loads((samples_dir / index["prompts"]["file"]).read_text())["prompts"]
 
 
 def run(args) -> None:

@@ -36,7 +36,7 @@ from ..layout import data_key
 from ..models import model_from_config
 from ..provenance import atomic_write_json, digest, file_sha256
 from ..recipe import build_run_objective, pad_captions
-from ..samples import INDEX, FinishedParts, save_set
+from ..samples import INDEX, PROMPTS, FinishedParts, save_set
 from ..sampling import FORWARD_BATCH, sample_latents
 from ..spec import Recipe, Run, Scenario
 
@@ -72,9 +72,6 @@ def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, ba
         pixels = vae.decode(chunk / scaling + shift).sample
         out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
     return torch.cat(out)
-
-
-PROMPTS = "prompts.json"  # next to the samples index: the prompt of every image (text-conditional runs)
 
 
 def class_caption_rows(cache: LatentDataset, labels: torch.Tensor) -> torch.Tensor:
