@@ -33,17 +33,24 @@ class FinishedParts:
     def __init__(self, samples_dir: Path, log=print):
         self.dir, self.log, self.reused = samples_dir / "parts", log, 0
 
-    def get(self, name: str, key: str, make) -> torch.Tensor:
-        """The images of part `name`: from its file when it was finished with this `key`, else `make()`."""
+    def load(self, name: str, key: str) -> torch.Tensor | None:
+        """The images of part `name` when its file was finished with this `key`, else None."""
         path = self.dir / f"{name}.safetensors"
         if path.is_file():
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    self.reused += 1
                     return f.get_tensor("images")
+        return None
+
+    def get(self, name: str, key: str, make) -> torch.Tensor:
+        """The images of part `name`: from its file when it was finished with this `key`, else `make()` (kept)."""
+        images = self.load(name, key)
+        if images is not None:
+            self.reused += 1
+            return images
         images = make()
         self.dir.mkdir(parents=True, exist_ok=True)
-        save_set(path, {"images": images}, {"key": key})
+        save_set(self.dir / f"{name}.safetensors", {"images": images}, {"key": key})
         return images
 
     def clear(self) -> None:

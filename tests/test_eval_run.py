@@ -316,7 +316,7 @@ def test_an_interrupted_sampling_job_redoes_only_what_it_had_not_finished(scenar
     monkeypatch.setattr(sample_mod, "sample_latents", counted)
     sample_run(config, RUN, log=lines.append)
     total = 1 + 2 + 3 + 2 * 3  # step 3: seed 0; step 6: seeds 0, 1; sweep 3 scales; sizes 2 seeds x 3 sizes
-    assert len(calls) == total - 3 and any("3 image set(s) reused" in line for line in lines)
+    assert len(calls) == total - 3 and any("3 image share(s) reused" in line for line in lines)
     again = shards(samples)
     assert again.keys() == full.keys() and all(torch.equal(again[k][n], full[k][n]) for k in full for n in full[k])
     assert not (samples / "parts").exists()  # a finished job leaves only its sets

@@ -15,10 +15,13 @@ Two extra sets of the final snapshot, when the config asks for them:
 - `sizes.safetensors`: every seed at every original size of `sampling.size_conditions`, same noise and
   class per image across sizes (the size-consistency metric, the paper's Figure 2 effect).
 Image i is bit-identical whatever `sampling.batch_size` (see `ldm.sampling`; the forward group size is
-recorded in the index as `forward_batch`).
+recorded in the index as `forward_batch`) and whatever the number of ranks sharing the job: under torchrun
+each rank draws a contiguous share of whole forward groups of every set on its own device, and rank 0 merges.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from ..data.split import image_key
 from ..layout import data_key
 from ..models import model_from_config
 from ..provenance import atomic_write_json, digest, file_sha256
+from ..ranks import Ranks
 from ..recipe import build_run_objective, pad_captions
 from ..samples import INDEX, PROMPTS, FinishedParts, save_set
 from ..sampling import FORWARD_BATCH, sample_latents
@@ -66,7 +70,10 @@ def sampling_conditions(num_samples: int, num_classes: int, original_size: int,
 
 
 @torch.no_grad()
-def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float, batch_size: int = 64) -> torch.Tensor:
+def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float,
+                    batch_size: int = FORWARD_BATCH) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images. Decoded in groups of `batch_size` from the first latent: a rank's share starts
+    on a forward-group boundary, so each image is decoded in the same group as in one process (same bits)."""
     out = []
     for chunk in latents.split(batch_size):
         pixels = vae.decode(chunk / scaling + shift).sample
@@ -132,123 +139,132 @@ def sampling_prompts(scenario: Scenario, run: Run, cache: LatentDataset, labels:
     return text, mask, record
 
 
-def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
+@dataclass
+class Part:
+    """Images [0, n) of one (set, seed, setting) drawn from one snapshot; `draw(lo, hi)` makes images lo..hi."""
+    name: str
+    key: str
+    n: int
+    snapshot: Path
+    draw: Callable[[int, int], torch.Tensor]
+
+
+@dataclass
+class SampleSet:
+    """One file of the samples directory: its parts, in order, and the columns stored beside the images."""
+    file: str
+    parts: list[Part]
+    columns: dict = field(default_factory=dict)
+
+
+def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[list[SampleSet], dict]:
+    """Every set the run's samples directory holds (snapshots, sweeps, size conditions) as parts still to draw,
+    and the samples index that describes them. Drawing is deferred: a resumed or multi-rank job draws only
+    the shares it lacks (`sample_run`)."""
     recipe, scfg = scenario.recipe(run), scenario.sampling(run)
     paths = scenario.layout.run(run.run_id)
-    out = paths.samples
-    out.mkdir(parents=True, exist_ok=True)
     cache = LatentDataset(scenario.layout.latents(run.data_key), verify=False)
     scaling, shift = cache.scaling_factor, cache.shift_factor
-    vae = load_vae(scenario.layout.vae).eval()
     objective = build_run_objective(scenario, run)
     labels, control = sampling_conditions(scfg["num_samples"], len(cache.classes), scfg["original_size"],
                                           scfg["labels"])
     _, model_config, _ = load_final(paths.final)
-    model = model_from_config(model_config).eval()
     latent_shape = tuple(cache.manifest["latent_shape"])
-    entries = []
     snapshots = list_snapshots(paths.checkpoints)
     sampler = scenario.sampler(run)
-
     text, text_mask, prompts = None, None, None
     if recipe.text_conditional:
         text, text_mask, prompts = sampling_prompts(scenario, run, cache, labels, recipe)
-        atomic_write_json(out / PROMPTS, prompts)
     elif not cache.classes:
         raise ConfigError(f"recipe {run.recipe}: class-conditional sampling on {cache.dir}, which has no classes "
                           "(caption-only data needs `conditioning: text`)")
+    # loaded on first use: a rank whose shares are all on disk, or rank 0 merging, never builds them
+    held = {}
 
-    # A killed job keeps the sets it finished (`FinishedParts`); the key names everything the images depend on
-    # (the sample rule's hash, the snapshot's weights, the VAE, the prompts).
-    parts = FinishedParts(out, log)
+    def on_device(snapshot: Path):
+        if "model" not in held:
+            held["model"] = model_from_config(model_config).to(ranks.device).eval()
+            held["vae"] = load_vae(scenario.layout.vae).to(ranks.device).eval()
+        if held.get("snapshot") != snapshot:
+            held["model"].load_state_dict(load_file(str(snapshot / "ema.safetensors")))
+            held["snapshot"] = snapshot
+        return held["model"], held["vae"]
+
+    def drawer(snapshot: Path, seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None):
+        def draw(lo: int, hi: int) -> torch.Tensor:
+            model, vae = on_device(snapshot)
+            latents = sample_latents(model, objective, None if text is not None else labels[lo:hi],
+                                     ctrl[lo:hi] if recipe.uses_control else None,
+                                     text=None if text is None else text[lo:hi],
+                                     text_mask=None if text_mask is None else text_mask[lo:hi],
+                                     latent_shape=latent_shape, steps=scfg["steps"], guidance_semantic=guidance,
+                                     guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
+                                     guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, hi)[lo:],
+                                     batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
+                                     guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
+                                     guidance_channels=scfg["guidance_channels"])
+            return decode_to_uint8(vae, latents, scaling, shift).cpu()
+        return draw
+
+    # A part's key names everything its images depend on (the sample rule's hash, the snapshot's weights, the
+    # VAE, the prompts): a part file left by a killed job is reused only under the same key.
     vae_id = file_sha256(scenario.layout.trained_vae_config) if scenario.layout.trained_vae_config.is_file() else \
         str(scenario.config["autoencoder"].get("pretrained"))
     base_key = [scenario.run_section(run), scenario.config["sampling"], vae_id, None if prompts is None else prompts["rows"]]
-
     # intermediate snapshots, sweeps and size conditions: the first `aux_samples` images (the same images as the
     # full set's first ones: image i's noise depends on its seed and i only), e.g. FID-10k for a curve point
     n_aux = min(scfg["aux_samples"] or len(labels), len(labels))
-
-    def draw(seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None,
-             n: int | None = None) -> torch.Tensor:
-        n = len(labels) if n is None else n
-        latents = sample_latents(model, objective, None if text is not None else labels[:n],
-                                 ctrl[:n] if recipe.uses_control else None,
-                                 text=None if text is None else text[:n],
-                                 text_mask=None if text_mask is None else text_mask[:n],
-                                 latent_shape=latent_shape, steps=scfg["steps"],
-                                 guidance_semantic=guidance,
-                                 guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
-                                 guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, n),
-                                 batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
-                                 guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
-                                 guidance_channels=scfg["guidance_channels"])
-        return decode_to_uint8(vae, latents, scaling, shift)
-
+    sets, entries, extra = [], [], {}
     for snapshot in snapshots:
-        step = snapshot_step(snapshot)
-        model.load_state_dict(load_file(str(snapshot / "ema.safetensors")))
-        weights = file_sha256(snapshot / "ema.safetensors")
+        step, weights = snapshot_step(snapshot), file_sha256(snapshot / "ema.safetensors")
         # Every seed for the final weights (mean ± std); the first seed only for the curve's earlier points.
         final = snapshot == snapshots[-1]
-        snapshot_seeds = scfg["seeds"] if final else scfg["seeds"][:1]
-        n = len(labels) if final else n_aux
-        images = [parts.get(f"step-{step:07d}.seed-{seed}", digest([*base_key, weights, step, seed, n]),
-                            lambda: draw(seed, scfg["guidance"], control, n=n)) for seed in snapshot_seeds]
-        seeds = [torch.full((n,), seed, dtype=torch.int64) for seed in snapshot_seeds]
+        seeds, n = (scfg["seeds"], len(labels)) if final else (scfg["seeds"][:1], n_aux)
         name = f"step-{step:07d}.safetensors"
-        save_set(out / name, {"images": torch.cat(images), "labels": labels[:n].repeat(len(snapshot_seeds)),
-                              "seeds": torch.cat(seeds), "control": control[:n].repeat(len(snapshot_seeds), 1)})
-        entries.append({"step": step, "file": name, "seeds": snapshot_seeds, "images": n})
-        log(f"{run.run_id}: sampled step {step} ({len(snapshot_seeds)} seeds x {n} images)")
-    # the model now holds the final snapshot's weights
-    extra = {}
+        sets.append(SampleSet(name, [Part(f"step-{step:07d}.seed-{seed}", digest([*base_key, weights, step, seed, n]),
+                                          n, snapshot, drawer(snapshot, seed, scfg["guidance"], control))
+                                     for seed in seeds],
+                              {"labels": labels[:n].repeat(len(seeds)), "control": control[:n].repeat(len(seeds), 1),
+                               "seeds": torch.tensor(seeds, dtype=torch.int64).repeat_interleave(n)}))
+        entries.append({"step": step, "file": name, "seeds": seeds, "images": n})
+    # the sweeps and size conditions: the final snapshot's weights, the first seed (sizes: every seed)
+    last, final_weights, seed = snapshots[-1], weights, scfg["seeds"][0]
 
-    def final_part(name: str, *settings, make) -> torch.Tensor:
-        return parts.get(name, digest([*base_key, weights, *settings]), make)
+    def final_part(name: str, *settings, draw) -> Part:
+        return Part(name, digest([*base_key, final_weights, *settings]), n_aux, last, draw)
 
     if scfg["guidance_sweep"]:
         scales = [float(g) for g in scfg["guidance_sweep"]]
-        seed = scfg["seeds"][0]
-        images = [final_part(f"guidance-{g}", "guidance", seed, g, n_aux, make=lambda: draw(seed, g, control, n=n_aux))
-                  for g in scales]
-        save_set(out / "guidance.safetensors", {
-            "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
-            "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
+        sweep_columns = {"labels": labels[:n_aux].repeat(len(scales)),
+                         "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)}
+        sets.append(SampleSet("guidance.safetensors", [
+            final_part(f"guidance-{g}", "guidance", seed, g, n_aux, draw=drawer(last, seed, g, control))
+            for g in scales], sweep_columns))
         extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
                                    "step": entries[-1]["step"]}
-        log(f"{run.run_id}: guidance sweep at scales {scales} (seed {seed})")
         if scfg["guidance_sweep_joint"] and recipe.uses_control:
             # one joint scale on both conditions (the control scale follows the semantic one): the guided
             # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
             # compares two-scale guidance with (same seed, same noise, same weights)
-            images = [final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux,
-                                 make=lambda: draw(seed, g, control, control_scale=g, n=n_aux)) for g in scales]
-            save_set(out / "guidance_joint.safetensors", {
-                "images": torch.cat(images), "labels": labels[:n_aux].repeat(len(scales)),
-                "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)})
+            sets.append(SampleSet("guidance_joint.safetensors", [
+                final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux, draw=drawer(last, seed, g, control, g))
+                for g in scales], sweep_columns))
             extra["guidance_sweep_joint"] = {**extra["guidance_sweep"], "file": "guidance_joint.safetensors"}
-            log(f"{run.run_id}: joint guidance sweep at scales {scales} (seed {seed})")
     if scfg["size_conditions"] and not recipe.uses_control:
         log(f"{run.run_id}: size conditions skipped: recipe {run.recipe} has no control conditioning")
     elif scfg["size_conditions"]:
         sizes = [int(v) for v in scfg["size_conditions"]]
-        images, seeds, size_col = [], [], []
-        for seed in scfg["seeds"]:
-            for size in sizes:
-                images.append(final_part(f"size-{size}.seed-{seed}", "size", seed, size, n_aux,
-                                         make=lambda: draw(seed, scfg["guidance"], whole_square_image(size, n_aux),
-                                                           n=n_aux)))
-                seeds.append(torch.full((n_aux,), seed, dtype=torch.int64))
-                size_col.append(torch.full((n_aux,), size, dtype=torch.int64))
-        n_sets = len(sizes) * len(scfg["seeds"])
-        save_set(out / "sizes.safetensors", {"images": torch.cat(images), "labels": labels[:n_aux].repeat(n_sets),
-                                             "seeds": torch.cat(seeds), "sizes": torch.cat(size_col),
-                                             "index": torch.arange(n_aux).repeat(n_sets)})
+        grid = [(s, size) for s in scfg["seeds"] for size in sizes]
+        sets.append(SampleSet("sizes.safetensors", [
+            final_part(f"size-{size}.seed-{s}", "size", s, size, n_aux,
+                       draw=drawer(last, s, scfg["guidance"], whole_square_image(size, n_aux))) for s, size in grid], {
+            "labels": labels[:n_aux].repeat(len(grid)),
+            "seeds": torch.tensor([s for s, _ in grid], dtype=torch.int64).repeat_interleave(n_aux),
+            "sizes": torch.tensor([size for _, size in grid], dtype=torch.int64).repeat_interleave(n_aux),
+            "index": torch.arange(n_aux).repeat(len(grid))}))
         extra["size_conditions"] = {"file": "sizes.safetensors", "sizes": sizes, "seeds": scfg["seeds"],
                                     "step": entries[-1]["step"]}
-        log(f"{run.run_id}: size conditions {sizes} x {len(scfg['seeds'])} seeds")
-    atomic_write_json(out / INDEX, {
+    index = {
         "run_id": run.run_id, "snapshots": entries, "seeds": scfg["seeds"], "num_samples": scfg["num_samples"],
         "aux_samples": n_aux,
         "sampler": sampler, "steps": scfg["steps"],
@@ -262,18 +278,73 @@ def sample_run(scenario: Scenario, run: Run, log=print) -> Path:
         "model_config": model_config, "latent_shape": list(latent_shape),
         "text_tokens": 0 if text is None else int(text.shape[1]),
         **({"prompts": {"file": PROMPTS, "source": prompts["source"]}} if prompts else {}), **extra,
-    })
-    parts.clear()
-    if parts.reused:
-        log(f"{run.run_id}: {parts.reused} image set(s) reused from an interrupted job")
-    if prompts is None and (out / PROMPTS).exists():
+    }
+    return sets, {"index": index, "prompts": prompts}
+
+
+def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = None) -> Path:
+    """Draw and write every sample set of a run. Under torchrun each rank draws its share of every part
+    (`Ranks.share`, whole forward groups: the same bytes as one process) into `samples/parts/`; after a
+    barrier rank 0 merges the shares into the sets and writes the index. A killed job, any rank, keeps the
+    shares it finished (`FinishedParts`) and redoes only the rest."""
+    ranks = ranks or Ranks.from_env()
+    out = scenario.layout.run(run.run_id).samples
+    out.mkdir(parents=True, exist_ok=True)
+    sets, described = sample_sets(scenario, run, ranks, log)
+    parts = FinishedParts(out, log)
+
+    def share_name(part: Part, lo: int, hi: int) -> tuple[str, str]:
+        return f"{part.name}.{lo}-{hi}", digest([part.key, lo, hi])
+
+    if ranks.world > 1:
+        for sample_set in sets:
+            for part in sample_set.parts:
+                lo, hi = ranks.share(part.n, FORWARD_BATCH)
+                if hi > lo:
+                    parts.get(*share_name(part, lo, hi), lambda: part.draw(lo, hi))
+        log(f"{run.run_id}: rank {ranks.rank}/{ranks.world} drew its shares"
+            + (f" ({parts.reused} reused from an interrupted job)" if parts.reused else "")
+            + "; waiting for the other ranks")
+        ranks.barrier()
+        if not ranks.main:
+            return out / INDEX
+
+    def merged(part: Part) -> torch.Tensor:
+        if ranks.world == 1:
+            return parts.get(*share_name(part, 0, part.n), lambda: part.draw(0, part.n))
+        shares = []
+        for r in range(ranks.world):
+            lo, hi = replace(ranks, rank=r).share(part.n, FORWARD_BATCH)
+            images = parts.load(*share_name(part, lo, hi)) if hi > lo else None
+            if hi > lo and images is None:
+                raise RuntimeError(f"{out}: rank {r}'s share {lo}-{hi} of {part.name} is missing after the barrier")
+            shares += [] if images is None else [images]
+        return torch.cat(shares)
+
+    for sample_set in sets:
+        images = [merged(part) for part in sample_set.parts]
+        save_set(out / sample_set.file, {"images": torch.cat(images), **sample_set.columns})
+        log(f"{run.run_id}: wrote {sample_set.file} ({len(sample_set.parts)} x {sample_set.parts[0].n} images)")
+    index, prompts = described["index"], described["prompts"]
+    if prompts is not None:
+        atomic_write_json(out / PROMPTS, prompts)
+    elif (out / PROMPTS).exists():
         (out / PROMPTS).unlink()
+    atomic_write_json(out / INDEX, index)
+    parts.clear()
+    if parts.reused and ranks.world == 1:
+        log(f"{run.run_id}: {parts.reused} image share(s) reused from an interrupted job")
     for stale in ("guidance.safetensors", "guidance_joint.safetensors", "sizes.safetensors"):  # left over from a config that asked for them
-        if not any(e.get("file") == stale for e in extra.values()) and (out / stale).exists():
+        if not any(e.get("file") == stale for e in index.values() if isinstance(e, dict)) and (out / stale).exists():
             (out / stale).unlink()
     return out / INDEX
 
 
 def run(args) -> None:
     scenario = load_scenario(args.config)
-    print(f"samples index: {sample_run(scenario, scenario.run(args.run))}")
+    ranks = Ranks.from_env()
+    try:
+        index = sample_run(scenario, scenario.run(args.run), ranks=ranks)
+    finally:
+        ranks.close()
+    print(f"samples index: {index}" if ranks.main else f"rank {ranks.rank}/{ranks.world}: shares drawn")

@@ -82,13 +82,16 @@ rule sample:
         str(L.run("{run}").samples_index),
     params:
         h=lambda w: digest([SCENARIO.run_section(RUNS[w.run]), CFG["sampling"]]),
+        # one process, or torchrun over the rule's GPUs (each rank draws its share; same bytes as one process)
+        launch=launcher(job_resources(CFG, "sample"), q(sys.executable)),
     threads: CFG["threads"]
     resources:
         **rule_resources("sample"),
     log:
         str(L.log("sample/{run}.log")),
     shell:
-        f"{LDM} sample --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
+        f"{{params.launch}} -m ldm.cli sample --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}}"
+        f" > {LOG} 2>&1"
 
 
 rule evaluate:

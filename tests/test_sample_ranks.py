@@ -1,0 +1,129 @@
+"""`ldm sample` under torchrun (2 processes, gloo, CPU) writes the same bytes as one process, and a job killed
+with SIGKILL (every rank) keeps the shares it finished: the rerun draws only the others.
+
+The processes run a driver that puts in the same stand-ins as test_eval_run's fixture (a random DiT's two
+snapshots written by the fixture, a fixed smooth "VAE", a cache manifest); everything else is the real stage."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_eval_run import RUN, sample_run, scenario  # noqa: F401 - the fixture
+
+from ldm.layout import Layout
+from ldm.ranks import Ranks
+
+TESTS = Path(__file__).resolve().parent
+DRIVER = f"""
+import json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(TESTS)!r})
+from test_eval_run import FakeCache, FakeVAE, MODEL
+from ldm.models.dit import DiT
+from ldm.spec import Scenario
+from ldm.stages import sample as sample_mod
+config = json.loads(Path(sys.argv[1]).read_text())
+snapshots = sorted(Path(sys.argv[2]).glob("step-*"))
+sample_mod.LatentDataset = FakeCache
+sample_mod.load_vae = lambda *_: FakeVAE()
+sample_mod.load_final = lambda *_: (None, DiT(**MODEL).config, None)
+sample_mod.list_snapshots = lambda *_: snapshots
+real, delay = sample_mod.sample_latents, float(os.environ.get("DRAW_DELAY", 0))
+with open(sys.argv[3] + ".pids", "a") as f:  # torchrun starts its workers in sessions of their own
+    f.write(str(os.getpid()) + "\\n")
+
+def counted(*args, **kwargs):  # one line per share drawn, and a pace slow enough to be killed mid-way
+    with open(sys.argv[3], "a") as f:
+        f.write(os.environ.get("RANK", "0") + "\\n")
+    time.sleep(delay)
+    return real(*args, **kwargs)
+
+sample_mod.sample_latents = counted
+scenario = Scenario(config)
+ranks = sample_mod.Ranks.from_env()
+sample_mod.sample_run(scenario, scenario.run({RUN!r}), ranks=ranks)
+ranks.close()
+"""
+
+
+def _files(samples: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(samples.iterdir()) if p.is_file()}
+
+
+def _launch(config: dict, tmp_path: Path, nproc: int, draws: Path, delay: float = 0.0) -> subprocess.Popen:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    checkpoints = Layout.of(config).run(RUN).checkpoints
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DRAW_DELAY": str(delay),
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(nproc), str(tmp_path / "driver.py"), str(tmp_path / "config.json"), str(checkpoints),
+                             str(draws)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _config(scenario):  # noqa: F811
+    config, _ = scenario
+    # 40 images: ranks take images [0, 16) and [16, 40) (whole forward groups of 16); side sets 24: [0, 16), [16, 24)
+    config["sampling"].update(num_samples=40, aux_samples=24)
+    return config
+
+
+def test_shares_are_whole_forward_groups_dealt_evenly():
+    assert [Ranks(r, 2).share(40, 16) for r in range(2)] == [(0, 16), (16, 40)]
+    assert [Ranks(r, 4).share(24, 16) for r in range(4)] == [(0, 0), (0, 16), (16, 16), (16, 24)]
+    assert [Ranks(r, 3).share(9) for r in range(3)] == [(0, 3), (3, 6), (6, 9)]
+
+
+def test_two_processes_write_the_same_bytes_as_one(scenario, tmp_path):  # noqa: F811
+    config = _config(scenario)
+    samples = sample_run(config, RUN, log=lambda *_: None).parent
+    one = _files(samples)
+    shutil.rmtree(samples)
+    draws = tmp_path / "draws.txt"
+    out = _finish(_launch(config, tmp_path, 2, draws))
+    ranks = draws.read_text().split()
+    # both ranks drew (step 3: 1 seed; step 6: 2 seeds; sweep: 3 scales; sizes: 2 seeds x 3 sizes = 12 parts each)
+    assert ranks.count("0") == ranks.count("1") == 12, out[-2000:]
+    two = _files(samples)
+    assert set(two) == set(one) and "index.json" in two and "step-0000006.safetensors" in two
+    assert [name for name in one if one[name] != two[name]] == []
+    assert not (samples / "parts").exists()
+
+
+def test_a_sigkilled_two_rank_job_redoes_only_the_shares_it_had_not_finished(scenario, tmp_path):  # noqa: F811
+    config = _config(scenario)
+    samples = sample_run(config, RUN, log=lambda *_: None).parent
+    one = _files(samples)
+    shutil.rmtree(samples)
+    draws = tmp_path / "draws.txt"
+    proc = _launch(config, tmp_path, 2, draws, delay=0.4)
+    parts = samples / "parts"
+    deadline = time.time() + 120
+    while len(list(parts.glob("*.safetensors"))) < 6 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # both ranks and torchrun, as SLURM's cgroup kill: no chance to clean up
+    for pid in Path(str(draws) + ".pids").read_text().split():
+        os.kill(int(pid), signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(parts.glob("*.safetensors")))
+    assert 6 <= finished < 24 and not (samples / "index.json").exists()
+    draws.unlink()
+    out = _finish(_launch(config, tmp_path, 2, draws))
+    assert len(draws.read_text().split()) == 24 - finished, out[-2000:]
+    assert "reused from an interrupted job" in out
+    again = _files(samples)
+    assert set(again) == set(one) and [name for name in one if one[name] != again[name]] == []
