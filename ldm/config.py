@@ -241,7 +241,7 @@ def job_resources(config: dict, rule: str, stage: str | None = None) -> dict:
 
 
 def launcher(resources: dict, python: str) -> str:
-    """How a job (train, sample) starts its processes: one process, torchrun on one node, or srun + torchrun.
+    """How a job (train, sample, evaluate) starts its processes: one process, torchrun on one node, or srun + torchrun.
 
     Multi-node: srun starts one torchrun per node; the rendezvous host is the job's first node (expanded
     in the batch script before srun runs)."""

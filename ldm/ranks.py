@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,16 +61,46 @@ class Ranks:
         lo, hi = groups * self.rank // self.world, groups * (self.rank + 1) // self.world
         return min(lo * unit, count), min(hi * unit, count)
 
-    def barrier(self) -> None:
-        """Wait until every rank got here (nothing to wait for in one process)."""
-        if self.world == 1:
-            return
+    def _join(self) -> None:
         if not dist.is_initialized():
             # torchrun exported MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE: the env:// rendezvous
             dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=BARRIER_TIMEOUT)
-        dist.barrier()
+
+    def barrier(self) -> None:
+        """Wait until every rank got here (nothing to wait for in one process)."""
+        if self.world > 1:
+            self._join()
+            dist.barrier()
+
+    def gather(self, mine) -> list:
+        """Every rank's `mine` (any picklable object), in rank order, on every rank."""
+        if self.world == 1:
+            return [mine]
+        self._join()
+        out = [None] * self.world
+        dist.all_gather_object(out, mine)
+        return out
+
+    def per_item(self, fn, items, unit: int = 1):
+        """`fn(items)` computed in shares (`share`, whole groups of `unit`) and concatenated in item order on every
+        rank. `fn` returns an array, or a tuple / dict of arrays, with one row per item; with `unit` the batch size
+        `fn` works in, every item is in the same batch as in one process, so the result is the same bits."""
+        if self.world == 1:
+            return fn(items)
+        lo, hi = self.share(len(items), unit)
+        return _concatenate(self.gather(fn(items[lo:hi])))
 
     def close(self) -> None:
         """Leave the process group (torch warns at exit about one never destroyed)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _concatenate(parts: list):
+    """Row-wise concatenation of the per-rank results of `Ranks.per_item` (arrays, tuples or dicts of them)."""
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(_concatenate([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concatenate([p[k] for p in parts]) for k in first}
+    return np.concatenate(parts)

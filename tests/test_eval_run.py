@@ -206,10 +206,11 @@ def test_inception_fids_only_where_asked_with_their_provenance(scenario, monkeyp
                {"protocol": "fid_clean", "mode": "clean", "count": 30, "of": 40, "inception_network": network})
     calls = []
 
-    def fake_fid(images, ref, mode, device="cpu"):
-        calls.append((len(images), str(ref), mode))
+    def fake_fid(images, ref, mode, device="cpu", gen_features=None):
+        calls.append((len(gen_features), str(ref), mode))
         return float(len(calls))
 
+    monkeypatch.setattr(inception, "inception_features", lambda images, mode, **kw: np.zeros((len(images), 2048)))
     monkeypatch.setattr(inception, "inception_fid", fake_fid)
     monkeypatch.setattr(evaluate_mod, "inception_statistics", lambda *a, **k: pytest.fail("cache not used"))
 
@@ -256,7 +257,7 @@ def test_sample_grids_show_a_bounded_evenly_spaced_set_of_classes(tmp_path):
     so the rows stay aligned."""
     from PIL import Image
 
-    from ldm.stages.evaluate import GRID_ROWS, grid_classes, save_sample_grid
+    from ldm.sample_grid import GRID_ROWS, grid_classes, save_sample_grid
 
     assert grid_classes(4) == [0, 1, 2, 3] and grid_classes(1000)[:3] == [0, 62, 125] and len(grid_classes(1000)) == 16
     labels = np.arange(1000).repeat(2)  # two samples per class, random-label style counts

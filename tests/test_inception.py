@@ -322,7 +322,8 @@ def test_registry_scores_each_protocol_against_its_own_reference(monkeypatch):
     from ldm.metrics import registry
 
     seen = []
-    monkeypatch.setattr(inception, "inception_fid", lambda images, ref, mode: seen.append((ref, mode)) or 1.0)
+    monkeypatch.setattr(inception, "inception_features", lambda images, mode, **kw: np.zeros((len(images), 2048)))
+    monkeypatch.setattr(inception, "inception_fid", lambda images, ref, mode, **kw: seen.append((ref, mode)) or 1.0)
     s = registry.ImageSet(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2), np.zeros((2, 3)), {})
     cached = SimpleNamespace(inception_reference=lambda mode: f"{mode}.npz")
     assert registry.compute_metrics(cached, s, ["fid_legacy_tf", "fid_clean"]) == {"fid_clean": 1.0,
@@ -340,7 +341,9 @@ def test_an_adm_reference_batch_belongs_to_fid_legacy_tf_only(tmp_path):
     assert mu.shape == (inception.INCEPTION_DIM,) and meta == {"adm_reference_batch": True}
     with pytest.raises(ValueError, match="ADM reference batch .* belongs to fid_legacy_tf, not fid_clean"):
         inception.load_inception_reference(adm, "clean")
-    assert inception.inception_modes(["fd_evaluator", "fid_legacy_tf", "fid_clean"]) == ["clean", "legacy_tensorflow"]
+    from ldm.metrics.registry import inception_modes
+
+    assert inception_modes(["fd_evaluator", "fid_legacy_tf", "fid_clean"]) == ["clean", "legacy_tensorflow"]
 
 
 def test_layout_names_the_inception_reference_as_fid_does():

@@ -105,7 +105,7 @@ def test_protocol_texts_of_metrics_not_in_committed_records():
 class FakeEvaluator:
     """Features = first 6 pixel values; predicted class = argmax of the first 4 (deterministic, no weights)."""
 
-    def features_and_predictions(self, images):
+    def features_and_predictions(self, images, batch_size=256):
         flat = images.reshape(len(images), -1).astype(np.float64)
         return flat[:, :6], {"class": flat[:, :4].argmax(1)}
 

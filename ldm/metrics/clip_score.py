@@ -42,8 +42,12 @@ def _embedding(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+#: images per CLIP forward pass (also the unit of a rank's share in `ldm evaluate`: same batches, same bits)
+BATCH = 64
+
+
 @torch.no_grad()
-def clip_score(images: np.ndarray, captions: list[str], model, processor, batch_size: int = 64) -> np.ndarray:
+def clip_score(images: np.ndarray, captions: list[str], model, processor, batch_size: int = BATCH) -> np.ndarray:
     """Per-image CLIPScore (N,) float64 of uint8 N×H×W×3 images against their captions."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")

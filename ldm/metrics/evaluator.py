@@ -82,6 +82,9 @@ def to_float_batch(images) -> torch.Tensor:
     return images.to(torch.float32).contiguous()
 
 
+#: images per forward pass when scoring (also the unit of a rank's share in `ldm evaluate`: same batches, same bits)
+BATCH = 256
+
 #: hashed-word vocabulary of the caption tower (collisions are rare at the caption lengths we meet)
 CAPTION_BUCKETS = 8192
 
@@ -152,7 +155,7 @@ class Evaluator(nn.Module):
         return F.normalize(self.image_proj(features), dim=-1)
 
     @torch.no_grad()
-    def caption_similarity(self, images, captions: list[str], batch_size: int = 256) -> np.ndarray:
+    def caption_similarity(self, images, captions: list[str], batch_size: int = BATCH) -> np.ndarray:
         """Cosine (N,) float64 of each image with its own caption in the caption tower's space."""
         if not self.captions:
             raise ValueError("this evaluator has no caption tower (trained on data with classes)")
@@ -171,12 +174,12 @@ class Evaluator(nn.Module):
             for i in range(0, len(images), batch_size):
                 yield self(to_float_batch(images[i : i + batch_size]).to(device))
 
-    def features(self, images, batch_size: int = 256) -> np.ndarray:
+    def features(self, images, batch_size: int = BATCH) -> np.ndarray:
         """Feature vectors, float64 (N, feature_dim): float64 so FD statistics are not accumulated in float32."""
         out = [f.double().cpu().numpy() for f, _ in self._batches(images, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.feature_dim))
 
-    def features_and_predictions(self, images, batch_size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def features_and_predictions(self, images, batch_size: int = BATCH) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`features` and `predict` from one forward pass (evaluation needs both for every image set)."""
         feats, out = [], {k: [] for k in self.head_names}
         for f, logits in self._batches(images, batch_size):
@@ -187,7 +190,7 @@ class Evaluator(nn.Module):
             return np.zeros((0, self.feature_dim)), {k: np.zeros(0, np.int64) for k in self.head_names}
         return np.concatenate(feats), {k: np.concatenate(v) for k, v in out.items()}
 
-    def predict(self, images, batch_size: int = 256) -> dict[str, np.ndarray]:
+    def predict(self, images, batch_size: int = BATCH) -> dict[str, np.ndarray]:
         """Arg-max index per head, int64 (N,); names via `self.vocab[head][index]`."""
         out: dict[str, list] = {k: [] for k in self.head_names}
         for _, logits in self._batches(images, batch_size):
@@ -313,7 +316,7 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
     if captions is not None:
         acc["caption"] = None
     if n_val:
-        pred = model.predict(x_all[torch.as_tensor(val_idx)], batch_size=256)
+        pred = model.predict(x_all[torch.as_tensor(val_idx)])
         for k in model.head_names:
             y = np.asarray(labels[k])[val_idx]
             mask = y >= 0

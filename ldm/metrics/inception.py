@@ -31,6 +31,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"  # cleanfid/downloads_helper.py: chec
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 PROTOCOLS = {"clean": "fid_clean", "legacy_tensorflow": "fid_legacy_tf"}
 INCEPTION_SIZE, INCEPTION_DIM = 299, 2048
+BATCH = 32  # images per forward pass (clean-fid's default; also the unit of a rank's share in `ldm evaluate`)
 INCEPTION_PARAMETERS = 21_802_784  # of `layers` (conv .. mixed_10, pool2), in either file
 # The offline fallback: the same converted TF Inception, shipped inside a pinned PyPI wheel (MIT). Its
 # `default_1.pt` is a TorchScript WrapNet whose `net.layers` is the module clean-fid's InceptionV3W calls.
@@ -295,17 +296,23 @@ def _inception_features(images, model, mode: str, device: torch.device, batch_si
     return np.asarray(feats, np.float64)
 
 
-def inception_features(images, mode: str = "clean", *, device: str | torch.device = "cpu", batch_size: int = 32,
-                       max_images: int | None = None, weights_dir: str | Path | None = None) -> np.ndarray:
-    """N×2048 Inception features (float64) of the protocol `mode`, as clean-fid computes them."""
+def inception_features(images, mode: str = "clean", *, device: str | torch.device = "cpu", batch_size: int = BATCH,
+                       max_images: int | None = None, weights_dir: str | Path | None = None,
+                       reference=None) -> np.ndarray:
+    """N×2048 Inception features (float64) of the protocol `mode`, as clean-fid computes them; with `reference`
+    (a statistics npz, as `inception_fid` takes it) by the network those statistics were computed with."""
     _check_mode(mode)
-    device = torch.device(device)
-    return _inception_features(images, _load_inception(mode, device, weights_dir), mode, device, batch_size,
+    device, sha256 = torch.device(device), _reference_sha256(load_stats(reference)[2]) if _is_npz(reference) else None
+    return _inception_features(images, _load_inception(mode, device, weights_dir, sha256), mode, device, batch_size,
                                max_images)
 
 
+def _is_npz(ref) -> bool:  # a statistics file, not images, a folder or (mu, sigma)
+    return isinstance(ref, (str, Path)) and str(ref).endswith(".npz")
+
+
 def inception_statistics(images_or_batches, mode: str = "clean", *, device: str | torch.device = "cpu",
-                         batch_size: int = 32, max_images: int | None = None,
+                         batch_size: int = BATCH, max_images: int | None = None,
                          weights_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, count) of the Inception features of the protocol `mode` ("clean": fid_clean,
     "legacy_tensorflow": fid_legacy_tf): float64, sigma with ddof=1, as clean-fid's `fid_from_feats`.
@@ -329,14 +336,8 @@ def inception_reference_path(evaluator_reference_path: str | Path, mode: str) ->
     return path.with_name(f"{path.stem}.inception-{mode}.npz")
 
 
-def inception_modes(metrics: Iterable[str]) -> list[str]:
-    """The Inception protocols ("clean", "legacy_tensorflow") that the metric names `metrics` ask for."""
-    wanted = set(metrics)
-    return [mode for mode, name in PROTOCOLS.items() if name in wanted]
-
-
 def save_inception_reference(images, mode: str, out: str | Path, *, device: str | torch.device = "cpu",
-                             batch_size: int = 32, max_images: int | None = None,
+                             batch_size: int = BATCH, max_images: int | None = None,
                              weights_dir: str | Path | None = None, meta: dict | None = None) -> dict:
     """Write the Inception statistics of real images (`inception_statistics`) to `out` (npz, see `save_stats`)
     with meta: protocol, mode, count (images used), max_images (unless `meta` names it), the network's identity,
@@ -371,23 +372,29 @@ def load_inception_reference(path: str | Path, mode: str) -> tuple[np.ndarray, n
 
 
 def inception_fid(gen_images, ref, mode: str = "clean", *, device: str | torch.device = "cpu",
-                  batch_size: int = 32, weights_dir: str | Path | None = None) -> float:
+                  batch_size: int = BATCH, weights_dir: str | Path | None = None,
+                  gen_features: np.ndarray | None = None) -> float:
     """FID with the TF Inception: `mode` "clean" (fid_clean) or "legacy_tensorflow" (fid_legacy_tf).
 
     gen_images: uint8 N×H×W×3, an iterable of such arrays, or an image folder. ref: the same kinds, or
     (mu, sigma[, count]), or a stats npz (`load_inception_reference`; when its meta names the network it was
     computed with, that network is used here too). Raises MissingWeightsError at once without weights.
     The distance is `frechet_distance_of_features` (exact low-rank form with fewer images than 2048 + 1).
+    `gen_features`: the generated images' features already computed (`inception_features` with the same `ref`,
+    e.g. shared out over ranks); `gen_images` is then not read.
     """
     _check_mode(mode)
     device = torch.device(device)
     stats, sha256 = None, None
     if isinstance(ref, tuple):
         stats = ref[:2]
-    elif isinstance(ref, (str, Path)) and str(ref).endswith(".npz"):
+    elif _is_npz(ref):
         *stats, meta = load_inception_reference(ref, mode)
         sha256 = _reference_sha256(meta)
-    model = _load_inception(mode, device, weights_dir, **({"sha256": sha256} if sha256 else {}))  # before the work
+    model = None if gen_features is not None and stats is not None else \
+        _load_inception(mode, device, weights_dir, **({"sha256": sha256} if sha256 else {}))  # before the work
     mu2, sigma2 = stats if stats is not None else feature_statistics(
         _inception_features(ref, model, mode, device, batch_size))
-    return frechet_distance_of_features(_inception_features(gen_images, model, mode, device, batch_size), mu2, sigma2)
+    if gen_features is None:
+        gen_features = _inception_features(gen_images, model, mode, device, batch_size)
+    return frechet_distance_of_features(gen_features, mu2, sigma2)

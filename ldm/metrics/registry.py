@@ -71,7 +71,13 @@ class EvalContext(Protocol):
 
     def inception_reference(self, mode: str) -> Any: ...  # the Inception reference of one clean-fid mode
 
-    # optional: `inception_device` (where the Inception runs)
+    # optional: `inception_device` (where the Inception runs), `ranks` (`ldm.ranks.Ranks`: per-image work shared)
+
+
+def _per_image(ctx: EvalContext, fn, items, batch: int):
+    """`fn(items)`, its per-image work shared out over the context's ranks when it has several (same bits)."""
+    ranks = getattr(ctx, "ranks", None)
+    return fn(items) if ranks is None else ranks.per_item(fn, items, batch)
 
 
 @dataclass(frozen=True)
@@ -126,17 +132,23 @@ def _precision_recall(ctx: EvalContext, s: ImageSet) -> dict:
 
 
 def _clip_score(ctx: EvalContext, s: ImageSet) -> dict:
-    from .clip_score import class_captions, clip_score
+    from .clip_score import BATCH, class_captions, clip_score
 
     captions = s.prompts if s.prompts is not None else class_captions(s.labels, ctx.classes)
-    return {"clip_score": float(clip_score(s.images, captions, *ctx.clip).mean())}
+    scores = _per_image(ctx, lambda rows: clip_score(s.images[rows], [captions[i] for i in rows], *ctx.clip),
+                        np.arange(len(s.images)), BATCH)
+    return {"clip_score": float(scores.mean())}
 
 
 def _caption_match(ctx: EvalContext, s: ImageSet) -> dict:
-    from .evaluator import caption_pair_accuracy, derangement
+    from .evaluator import BATCH, caption_pair_accuracy, derangement
 
-    own = ctx.evaluator.caption_similarity(s.images, s.prompts)
-    other = ctx.evaluator.caption_similarity(s.images, [s.prompts[j] for j in derangement(len(s.prompts))])
+    def similarity(captions):
+        return _per_image(ctx, lambda rows: ctx.evaluator.caption_similarity(s.images[rows], [captions[i] for i in rows]),
+                          np.arange(len(s.images)), BATCH)
+
+    own = similarity(s.prompts)
+    other = similarity([s.prompts[j] for j in derangement(len(s.prompts))])
     return {"caption_score": float(100.0 * np.clip(own, 0, None).mean()),
             "caption_accuracy": caption_pair_accuracy(own, other)}
 
@@ -167,13 +179,15 @@ def eval_hash_section(section: dict) -> dict:
 
 def _inception_fid(mode: str, name: str) -> Compute:
     def compute(ctx: EvalContext, s: ImageSet) -> dict:
-        from .inception import inception_fid
+        from . import inception
 
         # the reference of this protocol: the statistics file configured for it, else the cached npz
         # `reference-stats` wrote (`ldm.metrics.inception.inception_reference_path`), else the prepared images
         ref = ctx.inception_reference(mode)
-        device = getattr(ctx, "inception_device", None)
-        return {name: float(inception_fid(s.images, ref, mode=mode, **({"device": device} if device else {})))}
+        device = getattr(ctx, "inception_device", None) or "cpu"
+        feats = _per_image(ctx, lambda x: inception.inception_features(x, mode, device=device, reference=ref),
+                           s.images, inception.BATCH)
+        return {name: float(inception.inception_fid(None, ref, mode=mode, device=device, gen_features=feats))}
 
     compute.__name__ = f"_inception_fid_{mode}"
     return compute

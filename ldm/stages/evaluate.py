@@ -23,9 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torchvision.utils import make_grid
 
 from ..checkpoint import load_final
 from ..config import load_scenario
@@ -34,6 +31,7 @@ from ..data.prepared import load_prepared
 from ..layout import data_key
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
+from ..metrics.evaluator import BATCH as EVALUATOR_BATCH
 from ..metrics.evaluator import load_evaluator
 from ..metrics.fid import load_stats
 from ..metrics.inception import PROTOCOLS, inception_network_identity, inception_statistics
@@ -41,6 +39,8 @@ from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics
                                 protocol_texts)
 from ..models.inventory import run_cost
 from ..provenance import atomic_write_json, code_version, digest, file_sha256
+from ..ranks import Ranks
+from ..sample_grid import save_sample_grid
 from ..samples import load_set, read_index, read_prompts
 from ..spec import Run, Scenario
 
@@ -49,8 +49,8 @@ class _Context:
     """What every image set is compared with; real images and their features loaded once, on first use."""
 
     def __init__(self, scenario: Scenario, resolution: int, evaluator, ref_stats, classes: list[str], log,
-                 prompts: list[str] | None = None):
-        self.scenario, self.config = scenario, scenario.config
+                 prompts: list[str] | None = None, ranks: Ranks = Ranks()):
+        self.scenario, self.config, self.ranks = scenario, scenario.config, ranks
         self.resolution, self.evaluator, self.ref_stats = resolution, evaluator, ref_stats
         self.classes, self.wanted = classes, self.config["evaluation"]["metrics"]
         self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
@@ -68,7 +68,7 @@ class _Context:
         clip_users = [name for name in self.wanted if Need.CLIP in metric(name).needs and name not in self.skipped]
         if clip_users:
             try:
-                self.clip = load_clip(self.config["evaluation"]["clip_model"])
+                self.clip = load_clip(self.config["evaluation"]["clip_model"], ranks.device)
             except ClipUnavailable as exc:
                 self.skipped.update(dict.fromkeys(clip_users, str(exc)))
                 log(str(exc))
@@ -87,8 +87,8 @@ class _Context:
 
     @property
     def inception_device(self) -> str:
-        """Where the Inception runs: the GPU when there is one (as `reference-stats` does), else the CPU."""
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """Where the Inception runs: this rank's device (its GPU when there is one, as `reference-stats`)."""
+        return str(self.ranks.device)
 
     def inception_reference(self, mode: str):
         """The Inception reference of clean-fid mode `mode`: `evaluation.reference_stats`, else the statistics
@@ -105,11 +105,16 @@ class _Context:
                 self._inception[mode] = inception_statistics(self.real, mode, device=self.inception_device)
         return self._inception[mode]
 
+    def scored(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The evaluator's features and predictions, shared out over the ranks in whole batches."""
+        return self.ranks.per_item(lambda x: self.evaluator.features_and_predictions(x, EVALUATOR_BATCH), images,
+                                   EVALUATOR_BATCH)
+
     def metrics(self, images: np.ndarray, labels: np.ndarray, skip=(), wanted=None) -> dict[str, float]:
         """The wanted metrics (default: the config's) of one image set (registry order), from one evaluator pass
         over it; those in `skip` (besides the skipped ones) are left out. Image i's prompt is prompt i (every set
         holds the first images of the run's prompt list)."""
-        feats, pred = self.evaluator.features_and_predictions(images)
+        feats, pred = self.scored(images)
         prompts = None if self.prompts is None else self.prompts[:len(images)]
         return compute_metrics(self, ImageSet(images, labels, feats, pred, prompts),
                                self.wanted if wanted is None else wanted, skip={*self.skipped, *skip})
@@ -138,7 +143,7 @@ def guidance_sweep(ctx: _Context, samples_dir: Path, spec: dict) -> dict:
 def size_consistency_per_seed(ctx: _Context, samples_dir: Path, spec: dict) -> tuple[dict, dict]:
     """size_consistency(_pairwise) per seed, and conditional accuracy per size (mean over seeds)."""
     data = load_set(samples_dir, spec)
-    _, pred = ctx.evaluator.features_and_predictions(data["images"])
+    _, pred = ctx.scored(data["images"])
     per_seed, by_size = {}, {}
     for seed in spec["seeds"]:
         rows, labels = [], None
@@ -155,19 +160,23 @@ def size_consistency_per_seed(ctx: _Context, samples_dir: Path, spec: dict) -> t
     return per_seed, {size: float(np.mean(v)) for size, v in by_size.items()}
 
 
-def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
+def evaluate_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = None) -> Path:
+    """The run's metrics record. Under torchrun every rank scores its share of each image set on its device
+    (evaluator, Inception, CLIP: `Ranks.per_item`, in whole batches, so the same bits as one process); all
+    ranks then hold every feature and compute the same metrics, and rank 0 writes the record and the grid."""
+    ranks = ranks or Ranks.from_env()
     config, layout, run_id = scenario.config, scenario.layout, run.run_id
     wanted = config["evaluation"]["metrics"]
     samples_dir = layout.run(run_id).samples
     index = read_index(samples_dir)
-    evaluator = load_evaluator(layout.evaluator)
+    evaluator = load_evaluator(layout.evaluator, str(ranks.device))
     ref_file = layout.reference(run.resolution)
     mu, sigma, ref_meta = load_stats(ref_file)
     want, have = ref_meta.get("evaluator_weights_sha256"), evaluator.config.get("weights_sha256")
     if want and have and want != have:
         raise ValueError(f"{ref_file} was computed with another evaluator (weights {want[:12]}, loaded {have[:12]})")
     prompts = read_prompts(samples_dir, index)
-    ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log, prompts)
+    ctx = _Context(scenario, run.resolution, evaluator, (mu, sigma), index["classes"], log, prompts, ranks)
     validation = ValidationLoss(scenario, run, log) if "val_loss" in wanted else None
     if validation is not None and validation.skipped:
         ctx.skipped["val_loss"] = validation.skipped
@@ -216,7 +225,9 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
         else:
             ctx.skipped["size_consistency"] = "size_consistency skipped: sampling.size_conditions is empty"
             log(ctx.skipped["size_consistency"])
-    grid_path = layout.sample_grid(run_id)
+    out, grid_path = layout.metrics(run_id), layout.sample_grid(run_id)
+    if not ranks.main:
+        return out
     shown = save_sample_grid(data, index["classes"], grid_path)
     grid = ({"sample_grid_classes": [index["classes"][k] for k in shown]} if index["classes"] else
             {"sample_grid_prompts": [prompts[i] if prompts else None for i in shown]})
@@ -252,7 +263,6 @@ def evaluate_run(scenario: Scenario, run: Run, log=print) -> Path:
             log(f"{run_id} {name}: {used['generated_images']} generated images per seed (seeds {used['seeds']}, "
                 f"steps {used['steps']}) vs {used['reference_images']} real images "
                 f"({used['reference'].get('file', used['reference']['source'])}), {used['network']['name']}")
-    out = layout.metrics(run_id)
     atomic_write_json(out, record)
     return out
 
@@ -355,46 +365,11 @@ def inception_provenance(ctx: _Context, names: list[str], used: dict, snapshots:
     return out
 
 
-#: rows of a sample grid at most: 16 classes evenly spaced over the label range (1,000 rows at ImageNet
-#: scale would be an unreadable 8,000-image picture)
-GRID_ROWS = 16
-
-
-def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
-    """The classes a sample grid shows: all of them up to `rows`, else `rows` evenly spaced (k * K // rows)."""
-    return list(range(num_classes)) if num_classes <= rows else [k * num_classes // rows for k in range(rows)]
-
-
-def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> list[int]:
-    """One row per shown class (`grid_classes`; first sampling seed), blank cells where a class has fewer
-    samples, upscaled with nearest-neighbour to at least `min_side` px. Returns the classes shown; on data
-    without classes the grid is the first 2 * `per_class` images in prompt order, and it returns their
-    indices (the report lists their prompts)."""
-    first = data["seeds"] == data["seeds"][0]
-    images, labels = data["images"][first], data["labels"][first]
-    blank = torch.full((images.shape[3], images.shape[1], images.shape[2]), 255, dtype=torch.uint8)
-    rows = []
-    if classes:
-        shown = grid_classes(len(classes))
-        for k in shown:
-            chosen = list(torch.from_numpy(images[labels == k][:per_class]).permute(0, 3, 1, 2))
-            rows.extend(chosen + [blank] * (per_class - len(chosen)))
-    else:
-        shown = list(range(min(len(images), 2 * per_class)))
-        rows = list(torch.from_numpy(images[shown]).permute(0, 3, 1, 2))
-        rows += [blank] * (-len(rows) % per_class)
-    grid = make_grid(torch.stack(rows), nrow=per_class, padding=2, pad_value=255)
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    scale = max(1, -(-min_side // images.shape[1]))
-    if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
-    return shown
-
-
 def run(args) -> None:
     scenario = load_scenario(args.config)
-    print(f"metrics: {evaluate_run(scenario, scenario.run(args.run))}")
+    ranks = Ranks.from_env()
+    try:
+        out = evaluate_run(scenario, scenario.run(args.run), ranks=ranks)
+    finally:
+        ranks.close()
+    print(f"metrics: {out}" if ranks.main else f"rank {ranks.rank}/{ranks.world}: shares scored")

@@ -107,10 +107,13 @@ rule evaluate:
         str(L.metrics("{run}")),
     params:
         h=lambda w: digest(eval_hash_section(SCENARIO.eval_section(RUNS[w.run]))),
+        # one process, or torchrun over the rule's GPUs (each rank scores its share of every image set)
+        launch=launcher(job_resources(CFG, "evaluate"), q(sys.executable)),
     threads: CFG["threads"]
     resources:
         **rule_resources("evaluate"),
     log:
         str(L.log("evaluate/{run}.log")),
     shell:
-        f"{LDM} evaluate --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}} > {LOG} 2>&1"
+        f"{{params.launch}} -m ldm.cli evaluate --config {CONFIG_ARG} --run {{wildcards.run}} --threads {{threads}}"
+        f" > {LOG} 2>&1"

@@ -1,8 +1,10 @@
-"""`ldm sample` under torchrun (2 processes, gloo, CPU) writes the same bytes as one process, and a job killed
-with SIGKILL (every rank) keeps the shares it finished: the rerun draws only the others.
+"""`ldm sample` and `ldm evaluate` under torchrun (2 processes, gloo, CPU) give what one process gives: the same
+sample bytes, the same metrics record (Inception FID included); and a sampling job killed with SIGKILL (every
+rank) keeps the shares it finished: the rerun draws only the others.
 
 The processes run a driver that puts in the same stand-ins as test_eval_run's fixture (a random DiT's two
-snapshots written by the fixture, a fixed smooth "VAE", a cache manifest); everything else is the real stage."""
+snapshots written by the fixture, a fixed smooth "VAE", a cache manifest, the real images); everything else is
+the real stage."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from test_eval_run import RUN, sample_run, scenario  # noqa: F401 - the fixture
+import numpy as np
+from test_eval_run import RUN, evaluate_run, sample_run, scenario  # noqa: F401 - the fixture
 
 from ldm.layout import Layout
 from ldm.ranks import Ranks
@@ -25,11 +28,15 @@ import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 from test_eval_run import FakeCache, FakeVAE, MODEL
+import numpy as np
+from ldm.metrics.evaluator import Evaluator
 from ldm.models.dit import DiT
 from ldm.spec import Scenario
+from ldm.stages import evaluate as evaluate_mod
 from ldm.stages import sample as sample_mod
 config = json.loads(Path(sys.argv[1]).read_text())
 snapshots = sorted(Path(sys.argv[2]).glob("step-*"))
+stage, work = sys.argv[4], Path(sys.argv[1]).parent
 sample_mod.LatentDataset = FakeCache
 sample_mod.load_vae = lambda *_: FakeVAE()
 sample_mod.load_final = lambda *_: (None, DiT(**MODEL).config, None)
@@ -45,9 +52,20 @@ def counted(*args, **kwargs):  # one line per share drawn, and a pace slow enoug
     return real(*args, **kwargs)
 
 sample_mod.sample_latents = counted
+evaluate_mod.load_prepared = lambda *_: (np.load(work / "real.npy"), None)
+evaluate_mod.EVALUATOR_BATCH = 16  # as the test sets it in process: 40-image sets split over the ranks
+scored = Evaluator.features_and_predictions
+
+def logged(self, images, *args, **kwargs):  # how many images each rank scored
+    with open(sys.argv[3] + ".scored", "a") as f:
+        f.write(os.environ.get("RANK", "0") + " " + str(len(images)) + "\\n")
+    return scored(self, images, *args, **kwargs)
+
+Evaluator.features_and_predictions = logged
 scenario = Scenario(config)
 ranks = sample_mod.Ranks.from_env()
-sample_mod.sample_run(scenario, scenario.run({RUN!r}), ranks=ranks)
+module, function = (sample_mod, "sample_run") if stage == "sample" else (evaluate_mod, "evaluate_run")
+getattr(module, function)(scenario, scenario.run({RUN!r}), ranks=ranks)
 ranks.close()
 """
 
@@ -56,7 +74,8 @@ def _files(samples: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(samples.iterdir()) if p.is_file()}
 
 
-def _launch(config: dict, tmp_path: Path, nproc: int, draws: Path, delay: float = 0.0) -> subprocess.Popen:
+def _launch(config: dict, tmp_path: Path, nproc: int, draws: Path, delay: float = 0.0,
+            stage: str = "sample") -> subprocess.Popen:
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "driver.py").write_text(DRIVER)
     checkpoints = Layout.of(config).run(RUN).checkpoints
@@ -64,7 +83,7 @@ def _launch(config: dict, tmp_path: Path, nproc: int, draws: Path, delay: float 
            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(nproc), str(tmp_path / "driver.py"), str(tmp_path / "config.json"), str(checkpoints),
-                             str(draws)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             str(draws), stage], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
 
 
@@ -127,3 +146,25 @@ def test_a_sigkilled_two_rank_job_redoes_only_the_shares_it_had_not_finished(sce
     assert "reused from an interrupted job" in out
     again = _files(samples)
     assert set(again) == set(one) and [name for name in one if one[name] != again[name]] == []
+
+
+def test_two_processes_score_the_same_metrics_as_one(scenario, tmp_path, monkeypatch):  # noqa: F811
+    from ldm.stages import evaluate as evaluate_mod
+
+    monkeypatch.setattr(evaluate_mod, "EVALUATOR_BATCH", 16)  # so that a 40-image set is split ([0, 16), [16, 40))
+    config = _config(scenario)
+    config["evaluation"]["metrics"] += ["fid_clean"]
+    config["evaluation"]["inception_seeds"] = 1
+    sample_run(config, RUN, log=lambda *_: None)
+    one = json.loads(evaluate_run(config, RUN, log=lambda *_: None).read_text())
+    metrics = Layout.of(config).metrics(RUN)
+    metrics.unlink()
+    real = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)  # the fixture's real images
+    np.save(tmp_path / "real.npy", real)
+    draws = tmp_path / "draws.txt"
+    out = _finish(_launch(config, tmp_path, 2, draws, stage="evaluate"))
+    two = json.loads(metrics.read_text())
+    # the work was shared: rank 1 scored images [16, 40) of the full sets and [16, 24) of the side sets
+    scored = [tuple(line.split()) for line in Path(str(draws) + ".scored").read_text().splitlines()]
+    assert ("1", "24") in scored and ("1", "8") in scored and ("0", "16") in scored, out[-2000:]
+    assert "fid_clean" in one["metrics"] and one == two
