@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", "what a scenario or study costs before it runs: FLOPs and accelerator-hours per rule, the "
             "costliest jobs, and jobs that cannot finish within their runtime")
     p.add_argument("config")
-    p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation assumed (default 0.35)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOP utilisation (default: the DiT-XL/2 step's "
+                   "in benchmarks/results/gpu.json when a GPU run wrote it, else 0.35, assumed)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak TFLOP/s of one accelerator (H100 bf16: 989)")
     p.add_argument("--images", action="append", help="dataset size for encode: N, or SCENARIO=N (repeatable)")
     p = add("recipes", "each architecture's own published recipe (training, sampling, guidance), every value with "

@@ -17,7 +17,9 @@ FLOPs / (peak x MFU); both are flags, the MFU an assumption until `benchmarks/gp
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,6 +33,19 @@ from .text import MAX_LENGTH as TEXT_TOKENS
 INCEPTION_FLOPS = 2 * 5.7e9  # Szegedy et al. 2016, Table 3 (5.72 G multiply-adds at 299 px)
 DEFAULT_PEAK_FLOPS = 989e12  # one H100/H200 SXM, dense bf16 tensor cores
 DEFAULT_MFU = 0.35  # ASSUMED until measured; the best open DiT-family figure we know is ~37% (U-ViT)
+#: what benchmarks/gpu.py measured on a GPU machine (absent until one has run it)
+MEASURED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "gpu.json"
+
+
+def measured_mfu(path: Path = MEASURED) -> tuple[float, str] | None:
+    """(MFU, where it comes from) of the DiT-XL/2 training step that benchmarks/gpu.py measured on a GPU (the
+    best of compiled / not, checkpointing off), or None when it has not run on one."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    steps = [r["mfu"] for r in result.get("rows", []) if r["what"].startswith("train dit-XL/2")
+             and not r.get("checkpointing") and r.get("mfu")]
+    return (max(steps), f"measured by {path.name} on {result['device']}") if steps else None
 #: caption width of known text encoders (the real one is read at encode time); others are assumed 4096 wide
 TEXT_DIMS = {"minilm": 384, "google/flan-t5-xl": 2048, "google/t5-v1_1-xxl": 4096,
              "openai/clip-vit-large-patch14": 768}

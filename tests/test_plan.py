@@ -1,4 +1,5 @@
 """`ldm plan`: a study's FLOPs before it runs, checked against the closed forms it claims to count."""
+import json
 from pathlib import Path
 
 import yaml
@@ -42,3 +43,15 @@ def test_jobs_that_cannot_finish_in_their_runtime_are_named():
     job = Job("sample", "x", flops=2 * 3600 * 1e12 * 0.5, gpus=1, runtime_h=1.0)  # 2 h at 1 TFLOP/s x 0.5
     assert job.hours(1e12, 0.5) == 2.0 and not job.fits(1e12, 0.5) and job.fits(1e12, 1.0)
     assert summarise([job], 1e12, 0.5)["too_long"] == [job]
+
+
+def test_the_plan_takes_its_mfu_from_a_gpu_measurement_when_there_is_one(tmp_path):
+    from ldm.plan import measured_mfu
+
+    assert measured_mfu(tmp_path / "gpu.json") is None
+    rows = [{"what": "train dit-XL/2 256px", "compile": False, "checkpointing": False, "mfu": 0.31},
+            {"what": "train dit-XL/2 256px", "compile": True, "checkpointing": False, "mfu": 0.42},
+            {"what": "train dit-XL/2 256px", "compile": False, "checkpointing": True, "mfu": 0.5},  # recomputes
+            {"what": "train improved-XL/2 256px", "compile": True, "checkpointing": False, "mfu": 0.6}]
+    (tmp_path / "gpu.json").write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    assert measured_mfu(tmp_path / "gpu.json") == (0.42, "measured by gpu.json on NVIDIA H200")

@@ -6,7 +6,7 @@ from tabulate import tabulate
 
 from ..config import read_yaml, study_scenarios, validate
 from ..errors import UserError
-from ..plan import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, plan_jobs, summarise
+from ..plan import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, measured_mfu, plan_jobs, summarise
 from ..spec import Scenario
 
 
@@ -28,7 +28,10 @@ def _images(args, name: str, config: dict) -> int | None:
 def run(args) -> None:
     raw = read_yaml(args.config)
     scenarios = study_scenarios(raw, source=str(args.config)) if "scenarios" in raw else {"": validate(raw, args.config)}
-    peak, mfu = args.peak_tflops * 1e12, args.mfu
+    measured = measured_mfu()
+    mfu, source = (args.mfu, "--mfu") if args.mfu is not None else measured or (DEFAULT_MFU, "assumed (no GPU measurement)")
+    peak = args.peak_tflops * 1e12
+    print(f"MFU {mfu:.3g}: {source}")
     grand = 0.0
     for name, config in scenarios.items():
         images = _images(args, name or config["name"], config)
