@@ -453,3 +453,19 @@ def test_heldout_rows_are_flagged_by_key_and_left_out_of_training_rows(cache, va
     assert ds.split_rows(heldout=False).tolist() == torch.nonzero(~expect).flatten().tolist()
     plain = LatentDataset(cache["a"])
     assert "heldout" not in plain.rows() and plain.split_rows(heldout=False).tolist() == list(range(len(plain)))
+
+
+def test_a_rank_reads_only_its_share_of_a_global_batch(cache):
+    """`gather(idx, keep=share)`: the kept positions equal the full gather, the others are zeros, and only the
+    kept rows are read (bytes_read counts them), so a rank reads 1/world of the global batch."""
+    from ldm.data.latent_cache import LatentDataset
+
+    rows = LatentDataset(cache["a"], verify=False).rows()
+    n = len(rows)
+    idx = torch.tensor([5, 0, 7, 3, 3, 1, 8, 9]) % n  # across shards of 3 rows, a repeat
+    full = rows.gather(idx)
+    per_batch = rows.bytes_read
+    share = rows.gather(idx, keep=slice(4, 8))
+    assert rows.bytes_read - per_batch == per_batch // 2
+    for name in rows.names:
+        assert torch.equal(share[name][4:], full[name][4:]) and not share[name][:4].any()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +194,8 @@ class MappedRows:
         self.shapes = {n: tuple(first[n].shape[1:]) for n in self.names}
         self.dtypes = {n: first[n].dtype for n in self.names}
         self._offsets = torch.tensor(dataset._offsets, dtype=torch.long)
+        self.row_bytes = {n: math.prod(self.shapes[n]) * self.dtypes[n].itemsize for n in self.names}
+        self.bytes_read = 0  # by `gather`, for the input-pipeline benchmark
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -205,20 +208,26 @@ class MappedRows:
             self._maps[k] = map_safetensors(self.dataset.dir / self.dataset.shards[k]["file"])
         return self._maps[k]
 
-    def gather(self, idx: torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Rows `idx` (global, any order, repeats allowed) of each tensor in `names` (default: all)."""
+    def gather(self, idx: torch.Tensor, names: list[str] | None = None, keep: slice | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Rows `idx` (global, any order, repeats allowed) of each tensor in `names` (default: all). With `keep`
+        only the positions `idx[keep]` are read; the others are zeros of the same shape (a rank's share of a
+        global batch: its random draws are made for the whole batch, which only needs the shapes)."""
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)}) in {self.dataset.dir}")
         names = self.names if names is None else names
-        shard = torch.searchsorted(self._offsets, idx, right=True) - 1
-        out = {n: torch.empty((len(idx), *self.shapes[n]), dtype=self.dtypes[n]) for n in names}
+        read = torch.arange(len(idx))[keep] if keep is not None else torch.arange(len(idx))
+        shard = torch.searchsorted(self._offsets, idx[read], right=True) - 1
+        out = {n: (torch.zeros if keep is not None else torch.empty)((len(idx), *self.shapes[n]), dtype=self.dtypes[n])
+               for n in names}
         for k in torch.unique(shard).tolist():
-            where = torch.nonzero(shard == k).flatten()
+            where = read[shard == k]
             rows = idx[where] - self._offsets[k]
             tensors = self._shard(k)
             for n in names:
                 out[n][where] = tensors[n][rows]
+        self.bytes_read += len(read) * sum(self.row_bytes[n] for n in names)
         return out
 
     def column(self, name: str) -> torch.Tensor:

@@ -244,13 +244,14 @@ class Trainer:
     def step(self, step: int) -> tuple[torch.Tensor, float]:
         """Forward/backward over this rank's micro-batches of the global batch; returns (mean loss, lr).
 
-        Every rank assembles the whole global batch and makes all of its random draws, in a fixed order
-        (flips + posterior noise, condition dropout, text padding, timesteps + noise), then takes its
-        share: the draws per sample do not depend on world size or grad_accum."""
+        Every rank makes all the random draws of the whole global batch, in a fixed order (flips + posterior
+        noise, condition dropout, text padding, timesteps + noise), but reads only its own share of the rows:
+        the draws per sample do not depend on world size or grad_accum."""
         acc, tcfg, noise_gen = self.accelerator, self.tcfg, self.generators["noise"]
         idx, self.order = _next_batch(self.order, self.data_state, self.batch_size, self.count, self.generators["data"])
         idx = self.train_rows[idx]
-        x0, kwargs = training_inputs(self.recipe, self.data.gather(idx), noise_gen, self.num_classes,
+        own = slice(self.micro_slices[0].start, self.micro_slices[-1].stop) if self.world > 1 else None  # rows read
+        x0, kwargs = training_inputs(self.recipe, self.data.gather(idx, keep=own), noise_gen, self.num_classes,
                                      self.dataset.scaling_factor, self.dataset.shift_factor,
                                      uses_control=self.raw_model.takes_control)
         t_all, noise_all = self.objective.draw(tuple(x0.shape), noise_gen)
