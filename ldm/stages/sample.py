@@ -20,6 +20,7 @@ each rank draws a contiguous share of whole forward groups of every set on its o
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -210,7 +211,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
     # VAE, the prompts): a part file left by a killed job is reused only under the same key.
     vae_id = file_sha256(scenario.layout.trained_vae_config) if scenario.layout.trained_vae_config.is_file() else \
         str(scenario.config["autoencoder"].get("pretrained"))
-    base_key = [scenario.run_section(run), scenario.config["sampling"], vae_id, None if prompts is None else prompts["rows"]]
+    base_key = [scenario.run_section(run), scfg, vae_id, None if prompts is None else prompts["rows"]]
     # intermediate snapshots, sweeps and size conditions: the first `aux_samples` images (the same images as the
     # full set's first ones: image i's noise depends on its seed and i only), e.g. FID-10k for a curve point
     n_aux = min(scfg["aux_samples"] or len(labels), len(labels))
@@ -296,12 +297,23 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
     def share_name(part: Part, lo: int, hi: int) -> tuple[str, str]:
         return f"{part.name}.{lo}-{hi}", digest([part.key, lo, hi])
 
+    started, total = time.perf_counter(), sum(len(s.parts) for s in sets)
+
+    def drawn(part: Part, lo: int, hi: int) -> torch.Tensor:
+        """`part.draw(lo, hi)` with a progress line (the rule's log is a file: no progress bar there)."""
+        images = part.draw(lo, hi)
+        drawn.count += 1
+        log(f"{run.run_id}: drew {part.name} images [{lo}, {hi}): part {drawn.count} of {total}, "
+            f"{time.perf_counter() - started:.0f} s")
+        return images
+    drawn.count = 0
+
     if ranks.world > 1:
         for sample_set in sets:
             for part in sample_set.parts:
                 lo, hi = ranks.share(part.n, FORWARD_BATCH)
                 if hi > lo:
-                    parts.get(*share_name(part, lo, hi), lambda: part.draw(lo, hi))
+                    parts.get(*share_name(part, lo, hi), lambda: drawn(part, lo, hi))
         log(f"{run.run_id}: rank {ranks.rank}/{ranks.world} drew its shares"
             + (f" ({parts.reused} reused from an interrupted job)" if parts.reused else "")
             + "; waiting for the other ranks")
@@ -311,7 +323,7 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
 
     def merged(part: Part) -> torch.Tensor:
         if ranks.world == 1:
-            return parts.get(*share_name(part, 0, part.n), lambda: part.draw(0, part.n))
+            return parts.get(*share_name(part, 0, part.n), lambda: drawn(part, 0, part.n))
         shares = []
         for r in range(ranks.world):
             lo, hi = replace(ranks, rank=r).share(part.n, FORWARD_BATCH)
