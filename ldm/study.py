@@ -107,6 +107,7 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
     if efficiency is not None:
         parts += ["## Training efficiency", "", efficiency_section(study["efficiency"]["metric"], efficiency), ""]
     plots = [("metric vs. training step, every run", "plots/curves.png"),
+             ("training loss and gradient norm vs. step", "plots/loss.png"),
              ("guidance sweeps", "plots/guidance.png"),
              ("transfer vs. scratch", "tables/transfer_vs_scratch.md"),
              ("all runs", "tables/runs.md"),

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -160,8 +161,16 @@ def test_sample_evaluate_report(scenario):
             copy = {**record, "run_id": run.run_id, "stage": run.stage, "resolution": run.resolution,
                     "init_run": run.init_run}
             (metrics_dir / f"{run.run_id}.json").write_text(json.dumps(copy))
-    summary = build_report(config)
     results = Path(config["results"])
+    build_report(config)
+    assert not (results / "plots" / "loss.png").exists()  # no training log in the workdir: no loss plot
+    log = Layout.of(config).run(RUN).log
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "grad_norm": 0.5, "lr": 1e-3}) + "\n"
+                           for s in (25, 50, 75)))
+    summary = build_report(config)
+    losses = pd.read_csv(results / "plots" / "loss.csv")
+    assert list(losses["run"]) == [RUN] * 3 and list(losses["loss"]) == [1 / 25, 1 / 50, 1 / 75]
+    assert (results / "plots" / "loss.png").stat().st_size > 0
     assert (results / "plots" / "guidance.png").stat().st_size > 0
     table = (results / "tables" / "guidance_sweep.md").read_text()
     assert table.count("yes") == 3  # one chosen scale per run

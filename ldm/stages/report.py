@@ -11,6 +11,9 @@ per run in `summary/<run id>.json` (`dvc metrics show`: one row per run, one col
 holds the same numbers in one file for scripts). Runs with a guidance sweep get
 one combined sweep figure (`plots/guidance.png`: fd_evaluator and cond_accuracy against the semantic scale, the
 chosen scale marked, the joint-scale sweep dashed) and a table of every sweep point.
+One exception to "only the metrics": the training logs (`runs/<run>/log.jsonl` in the workdir), read when they
+are there, give `plots/loss.png` (loss and gradient norm vs. step per run group) and `plots/loss.csv` (every
+logged value of every run, a `run` column, for `dvc plots show`).
 """
 from __future__ import annotations
 
@@ -197,6 +200,41 @@ def plot_curves(records: list[dict], path: Path) -> None:
     _save_figure(fig, title, path)
 
 
+#: the training log's curves in plots/loss.png (plots/loss.csv keeps every column of every run's log.jsonl)
+LOG_CURVES = ("loss", "grad_norm")
+
+
+def plot_training_logs(config: dict, records: list[dict], png: Path, csv: Path) -> bool:
+    """Training loss and gradient norm vs. step of every run group (mean over training seeds at the steps they
+    share), from the runs' `log.jsonl` in the workdir; and the long table of every logged value. False when no
+    run has a log here (results copied without their workdir)."""
+    layout = Layout.of(config)
+    # json, not pd.read_json: pandas' default float parser rounds the last digits
+    logs = [pd.DataFrame([json.loads(line) for line in layout.run(r["run_id"]).log.read_text().splitlines() if line])
+            .assign(run=r["run_id"]) for r in records
+            if layout.run(r["run_id"]).log.is_file() and layout.run(r["run_id"]).log.stat().st_size]
+    if not logs:
+        return False
+    table = pd.concat(logs, ignore_index=True)
+    atomic_write_bytes(csv, table[["run", *[c for c in table if c != "run"]]].to_csv(index=False).encode())
+    fig, axes = plt.subplots(1, len(LOG_CURVES), figsize=(5.5 * len(LOG_CURVES), 4), squeeze=False)
+    for ax, column in zip(axes[0], LOG_CURVES):
+        for group, recs in _groups(records).items():
+            runs = table[table["run"].isin([r["run_id"] for r in recs])]
+            if runs.empty:
+                continue
+            shared = runs.groupby("step")[column].agg(["mean", "count"])
+            shared = shared[shared["count"] == runs["run"].nunique()]
+            ax.plot(shared.index, shared["mean"], label=group if runs["run"].nunique() == 1 else
+                    f"{group} (n={runs['run'].nunique()})")
+        ax.set_xlabel("training step of the run's own stage")
+        ax.set_ylabel(column)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_figure(fig, "training log (each logged step: mean over the logging interval; mean over training seeds)", png)
+    return True
+
+
 def _finish_axes(ax, metric: str, chance: float, xlabel: str) -> None:
     """Labels with the metric's direction, chance level on accuracy axes, grid and legend."""
     if metric == "cond_accuracy" and chance is not None:  # None: caption-only data, no classes
@@ -292,6 +330,7 @@ def build_report(config: dict) -> dict:
     write_table(transfer, layout.table("transfer_vs_scratch"),
                 "Low-res pre-training + transfer vs. from scratch at equal high-res steps")
     plot_curves(records, layout.plot("curves.png"))
+    plot_training_logs(config, records, layout.plot("loss.png"), layout.plot("loss.csv"))
     if plot_guidance_sweeps(records, layout.plot("guidance.png")):
         write_table(guidance_table(records), layout.table("guidance_sweep"),
                     "Guidance sweep (final weights, first seed)")
