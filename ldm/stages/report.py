@@ -217,9 +217,11 @@ def plot_training_logs(config: dict, records: list[dict], png: Path, csv: Path) 
         return False
     table = pd.concat(logs, ignore_index=True)
     atomic_write_bytes(csv, table[["run", *[c for c in table if c != "run"]]].to_csv(index=False).encode())
-    fig, axes = plt.subplots(1, len(LOG_CURVES), figsize=(5.5 * len(LOG_CURVES), 4), squeeze=False)
+    groups = _groups(records)
+    fig, axes = plt.subplots(1, len(LOG_CURVES), figsize=(5.5 * len(LOG_CURVES) + 4, 4 + 0.12 * len(groups)),
+                             squeeze=False)
     for ax, column in zip(axes[0], LOG_CURVES):
-        for group, recs in _groups(records).items():
+        for group, recs in groups.items():
             runs = table[table["run"].isin([r["run_id"] for r in recs])]
             if runs.empty:
                 continue
@@ -227,11 +229,13 @@ def plot_training_logs(config: dict, records: list[dict], png: Path, csv: Path) 
             shared = shared[shared["count"] == runs["run"].nunique()]
             ax.plot(shared.index, shared["mean"], label=group if runs["run"].nunique() == 1 else
                     f"{group} (n={runs['run'].nunique()})")
-        ax.set_xlabel("training step of the run's own stage")
-        ax.set_ylabel(column)
+        ax.set(xlabel="training step of the run's own stage", ylabel=column, yscale="log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save_figure(fig, "training log (each logged step: mean over the logging interval; mean over training seeds)", png)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)  # one legend for both panels, beside them
+    fig.subplots_adjust(right=0.7)
+    _save_figure(fig, "training log (each logged step: mean over the logging interval; mean over training seeds)",
+                 png, tight=False)
     return True
 
 
@@ -245,10 +249,11 @@ def _finish_axes(ax, metric: str, chance: float, xlabel: str) -> None:
     ax.legend(fontsize=8)
 
 
-def _save_figure(fig, title: str, path: Path) -> None:
+def _save_figure(fig, title: str, path: Path, tight: bool = True) -> None:
     """Title, layout and an atomic PNG write without the matplotlib version in its metadata (stable bytes)."""
     fig.suptitle(title)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
