@@ -248,7 +248,8 @@ def launcher(resources: dict, python: str) -> str:
     gpus, nodes = int(resources.get("gpus", 0)), int(resources.get("nodes", 1))
     if nodes > 1:
         head = "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
-        return (f"srun --nodes {nodes} --ntasks-per-node 1 {python} -m torch.distributed.run --nnodes {nodes}"
+        # --kill-on-bad-exit: a node whose torchrun fails takes the others down (not left waiting at a barrier)
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {python} -m torch.distributed.run --nnodes {nodes}"
                 f" --nproc_per_node {max(gpus, 1)} --rdzv_backend c10d --rdzv_endpoint {head}:29500")
     if gpus > 1:
         return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"

@@ -48,6 +48,11 @@ class Ranks:
             raise ConfigError(f"rank {rank} not in [0, world size {world}) (RANK / WORLD_SIZE)")
         local = os.environ.get("LOCAL_RANK")
         chosen = torch.device(device) if device else default_device(None if local is None else int(local))
+        if chosen.type == "cuda" and chosen.index is not None:
+            if chosen.index >= torch.cuda.device_count():
+                raise ConfigError(f"rank {rank}: LOCAL_RANK {chosen.index} but this node has "
+                                  f"{torch.cuda.device_count()} visible GPU(s): launch one process per GPU")
+            torch.cuda.set_device(chosen)  # libraries that use "the current device" use this rank's
         return cls(rank, world, chosen)
 
     @property

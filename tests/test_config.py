@@ -122,7 +122,7 @@ def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     assert job_resources(config, "train", "pretrain")["gpus"] == 1
     assert launcher(res, "py") == "py -m torch.distributed.run --standalone --nproc_per_node 8"
     assert launcher({"gpus": 1}, "py") == "py"
-    assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 py -m torch.distributed.run --nnodes 2")
+    assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 py -m torch.distributed.run --nnodes 2")
 
 
 def _job_counts(stdout: str) -> dict:

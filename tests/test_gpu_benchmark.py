@@ -15,7 +15,7 @@ def test_the_gpu_benchmark_runs_on_cpu_at_tiny_size(tmp_path, capsys):
     spec.loader.exec_module(module)
     module.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "gpu.json")])
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert "threads" in result["device"] and result["tiny"] and result["compile"] is False
+    assert "threads" in result["device"] and result["tiny"] and result["compile"] is False and result["failed"] == {}
     what = [row["what"] for row in result["rows"]]
     # the small study's step, both architectures with checkpointing off and on, sampling, Inception, VAE
     assert sum(w.startswith("train dit-tiny") for w in what) == 2 and sum(w.startswith("train improved") for w in what) == 2

@@ -72,6 +72,10 @@ class _Context:
             except ClipUnavailable as exc:
                 self.skipped.update(dict.fromkeys(clip_users, str(exc)))
                 log(str(exc))
+            # every rank scores CLIP or none does: a rank without it would skip collectives the others make
+            if not all(ranks.gather(self.clip is not None)) and self.clip is not None:
+                self.clip = None
+                self.skipped.update(dict.fromkeys(clip_users, "clip_score skipped: CLIP failed to load on another rank"))
 
     @property
     def real(self) -> np.ndarray:

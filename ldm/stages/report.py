@@ -215,7 +215,8 @@ def plot_training_logs(config: dict, records: list[dict], png: Path, csv: Path) 
             if layout.run(r["run_id"]).log.is_file() and layout.run(r["run_id"]).log.stat().st_size]
     if not logs:
         return False
-    table = pd.concat(logs, ignore_index=True)
+    # a resumed run logs the steps after its snapshot again: the last record of a step is the one kept
+    table = pd.concat(logs, ignore_index=True).drop_duplicates(["run", "step"], keep="last")
     atomic_write_bytes(csv, table[["run", *[c for c in table if c != "run"]]].to_csv(index=False).encode())
     groups = _groups(records)
     fig, axes = plt.subplots(1, len(LOG_CURVES), figsize=(5.5 * len(LOG_CURVES) + 4, 4 + 0.12 * len(groups)),

@@ -78,7 +78,7 @@ def decode_to_uint8(vae, latents: torch.Tensor, scaling: float, shift: float,
     out = []
     for chunk in latents.split(batch_size):
         pixels = vae.decode(chunk / scaling + shift).sample
-        out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+        out.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
 
 
@@ -204,7 +204,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
                                      batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
                                      guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
                                      guidance_channels=scfg["guidance_channels"])
-            return decode_to_uint8(vae, latents, scaling, shift).cpu()
+            return decode_to_uint8(vae, latents, scaling, shift)
         return draw
 
     # A part's key names everything its images depend on (the sample rule's hash, the snapshot's weights, the
