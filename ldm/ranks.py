@@ -100,6 +100,12 @@ class Ranks:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _concatenate(parts: list):
     """Row-wise concatenation of the per-rank results of `Ranks.per_item` (arrays, tuples or dicts of them)."""

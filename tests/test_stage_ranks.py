@@ -63,10 +63,9 @@ def logged(self, images, *args, **kwargs):  # how many images each rank scored
 
 Evaluator.features_and_predictions = logged
 scenario = Scenario(config)
-ranks = sample_mod.Ranks.from_env()
 module, function = (sample_mod, "sample_run") if stage == "sample" else (evaluate_mod, "evaluate_run")
-getattr(module, function)(scenario, scenario.run({RUN!r}), ranks=ranks)
-ranks.close()
+with sample_mod.Ranks.from_env() as ranks:
+    getattr(module, function)(scenario, scenario.run({RUN!r}), ranks=ranks)
 """
 
 
@@ -100,6 +99,14 @@ def _config(scenario):  # noqa: F811
     return config
 
 
+def _one_process(config: dict) -> tuple[Path, dict[str, bytes]]:
+    """The samples directory and the bytes one in-process job writes there, then cleared for the ranks' job."""
+    samples = sample_run(config, RUN, log=lambda *_: None).parent
+    one = _files(samples)
+    shutil.rmtree(samples)
+    return samples, one
+
+
 def test_shares_are_whole_forward_groups_dealt_evenly():
     assert [Ranks(r, 2).share(40, 16) for r in range(2)] == [(0, 16), (16, 40)]
     assert [Ranks(r, 4).share(24, 16) for r in range(4)] == [(0, 0), (0, 16), (16, 16), (16, 24)]
@@ -108,9 +115,7 @@ def test_shares_are_whole_forward_groups_dealt_evenly():
 
 def test_two_processes_write_the_same_bytes_as_one(scenario, tmp_path):  # noqa: F811
     config = _config(scenario)
-    samples = sample_run(config, RUN, log=lambda *_: None).parent
-    one = _files(samples)
-    shutil.rmtree(samples)
+    samples, one = _one_process(config)
     draws = tmp_path / "draws.txt"
     out = _finish(_launch(config, tmp_path, 2, draws))
     ranks = draws.read_text().split()
@@ -124,9 +129,7 @@ def test_two_processes_write_the_same_bytes_as_one(scenario, tmp_path):  # noqa:
 
 def test_a_sigkilled_two_rank_job_redoes_only_the_shares_it_had_not_finished(scenario, tmp_path):  # noqa: F811
     config = _config(scenario)
-    samples = sample_run(config, RUN, log=lambda *_: None).parent
-    one = _files(samples)
-    shutil.rmtree(samples)
+    samples, one = _one_process(config)
     draws = tmp_path / "draws.txt"
     proc = _launch(config, tmp_path, 2, draws, delay=0.4)
     parts = samples / "parts"

@@ -371,9 +371,6 @@ def inception_provenance(ctx: _Context, names: list[str], used: dict, snapshots:
 
 def run(args) -> None:
     scenario = load_scenario(args.config)
-    ranks = Ranks.from_env()
-    try:
+    with Ranks.from_env() as ranks:
         out = evaluate_run(scenario, scenario.run(args.run), ranks=ranks)
-    finally:
-        ranks.close()
     print(f"metrics: {out}" if ranks.main else f"rank {ranks.rank}/{ranks.world}: shares scored")

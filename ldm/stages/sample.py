@@ -354,9 +354,6 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
 
 def run(args) -> None:
     scenario = load_scenario(args.config)
-    ranks = Ranks.from_env()
-    try:
+    with Ranks.from_env() as ranks:
         index = sample_run(scenario, scenario.run(args.run), ranks=ranks)
-    finally:
-        ranks.close()
     print(f"samples index: {index}" if ranks.main else f"rank {ranks.rank}/{ranks.world}: shares drawn")
