@@ -64,6 +64,9 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="the package's debug lines too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress lines)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name, help_text, config=False, threads=False):
@@ -147,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", "metrics of a run's samples, mean ± std over seeds", True, True)
     p.add_argument("--run", required=True)
     add("report", "tables and plots from the metrics JSONs", True)
+    p = add("artifacts", "export: gather final weights, VAE, evaluator and reference statistics into <results>/artifacts "
+            "for DVC (and register the weights); restore: after `dvc pull`, put them back and mark the DAG up to date", True)
+    p.add_argument("action", choices=["export", "restore"])
+    p.add_argument("--snakefile", default="Snakefile", help="restore: the workflow whose DAG to mark up to date")
+    p.add_argument("--cores", type=int, default=1, help="restore: cores for `snakemake --touch`")
     p = add("models", "architectures and sizes: parameters and forward GFLOPs at 256/512 px (meta device)")
     p.add_argument("--json", action="store_true", help="one JSON list, one object per architecture and size")
     p.add_argument("--arch", action="append", help="only this architecture (repeatable)")
@@ -174,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         package.addHandler(handler)
-        package.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    package.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         args.func(args)
     except (UserError, FileNotFoundError) as exc:  # bad input, not a bug: one line naming the culprit

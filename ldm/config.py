@@ -27,6 +27,9 @@ DEFAULTS: dict = {
     "threads": 1,
     # live training curves beside log.jsonl (ldm.tracking): dvclive, tensorboard; [] for none
     "tracking": ["dvclive"],
+    # what `ldm artifacts export` shares through DVC besides weights, evaluator and reference statistics:
+    # sample sets and latent caches are large (per image: the PNG; 2 x 4 x (px/8)^2 float32 + text states)
+    "artifacts": {"samples": False, "latents": False},
     # Cluster resources per rule; a laptop run ignores them (assumed values for the paper scale live in
     # config/paper.yaml). runtime in minutes.
     "resources": {"default": {"gpus": 0, "nodes": 1, "cpus": 1, "mem_mb": 4000, "runtime": 60}},

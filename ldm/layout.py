@@ -132,6 +132,11 @@ class Layout:
         path = self.reference(resolution)
         return path.with_name(f"{path.stem}.inception-{mode}.npz")
 
+    @property
+    def restored_record(self) -> Path:
+        """What `ldm artifacts restore` put back after a `dvc pull`, with the config it was made with."""
+        return self.workdir / "restored.json"
+
     def run(self, run_id: str) -> RunPaths:
         return RunPaths(self.workdir / "runs" / run_id)
 
@@ -160,3 +165,13 @@ class Layout:
     @property
     def report(self) -> Path:
         return self.results / "REPORT.md"
+
+    @property
+    def artifacts(self) -> Path:
+        """What the study shares through DVC (`ldm artifacts export`): one DVC-cached, persisted folder."""
+        return self.results / "artifacts"
+
+    @property
+    def artifacts_registry(self) -> Path:
+        """DVC's model registry of the scenario (a dvc.yaml holding only `artifacts:`)."""
+        return self.results / "dvc.yaml"

@@ -21,3 +21,15 @@ def test_package_log_lines_reach_the_current_stderr(capsys):
     logging.getLogger("ldm.stages.encode").debug("not shown")
     err = capsys.readouterr().err
     assert err.endswith("ldm.stages.encode: encoded shard-00000 (4 rows)\n") and "not shown" not in err
+
+
+@pytest.mark.parametrize("flag, shown", [("--quiet", {"warning"}), (None, {"info", "warning"}),
+                                         ("--verbose", {"debug", "info", "warning"})])
+def test_verbose_and_quiet_set_what_the_package_logs(capsys, flag, shown):
+    main(([flag] if flag else []) + ["recipes", "--arch", "dit", "--json"])
+    capsys.readouterr()
+    log = logging.getLogger("ldm.stages.encode")
+    for level in ("debug", "info", "warning"):
+        getattr(log, level)("line at %s", level)
+    err = capsys.readouterr().err
+    assert {level for level in ("debug", "info", "warning") if f"line at {level}" in err} == shown

@@ -13,6 +13,7 @@ from ldm.data.latent_cache import missing_shard_error
 from ldm.provenance import digest
 from ldm.layout import data_key, parse_data_key
 from ldm.spec import Scenario
+from ldm.restored import Restored
 
 try:
     SCENARIO = Scenario(validate(config, source=config.get("name", "config")))
@@ -67,6 +68,29 @@ def rule_resources(rule):
 def run_resources(key):
     """One resource of a training run, as a per-job callable (stages differ)."""
     return lambda wildcards: slurm_resources("train", wildcards.run)[key]
+
+
+# After `dvc pull` and `ldm artifacts restore` (ldm/stages/artifacts.py): a job whose output was restored and whose
+# rule hash is still the one it was made with needs none of its inputs that are not on disk (prepared data, latents:
+# never pulled), so Snakemake does not rebuild them; a config edit that changes its hash gives them back.
+RESTORED = Restored.of(L)
+
+
+def unless_restored(output, rule_hash, inputs):
+    """An input function: `inputs` (a value or a function of the wildcards), trimmed as RESTORED says.
+    `output(w)` is the job's output path, `rule_hash(scenario, w)` the hash in its params."""
+
+    def function(wildcards):
+        wanted = inputs(wildcards) if callable(inputs) else inputs
+        if RESTORED is None:
+            return wanted
+        try:
+            unchanged = rule_hash(RESTORED.scenario, wildcards) == rule_hash(SCENARIO, wildcards)
+        except KeyError:  # a run or resolution the restored config did not have
+            unchanged = False
+        return RESTORED.inputs(str(output(wildcards)), unchanged, wanted)
+
+    return function
 
 
 wildcard_constraints:

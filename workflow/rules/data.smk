@@ -20,11 +20,11 @@ rule synthesize:
         f" --seed {CFG['seed']} > {LOG} 2>&1"
 
 
-def data_params(key):
+def data_params(key, scenario=SCENARIO):
     """(resolution, crop, rerun hash) of a data key (`Run.data_key`: `r<px>` or `r<px>-<crop>`)."""
     px, crop = parse_data_key(key)
     # center-crop keys keep the hash they had before crops were per stage (no spurious reruns)
-    parts = [SCENARIO.data_section(), str(px)] + ([] if crop == "center" else [crop])
+    parts = [scenario.data_section(), str(px)] + ([] if crop == "center" else [crop])
     return px, crop, digest(parts)
 
 
@@ -85,7 +85,8 @@ if not CFG["autoencoder"]["pretrained"]:
     rule train_vae:
         priority: 50  # the training chain first (Snakefile, "Priorities")
         input:
-            [prepared(CFG["resolutions"]["low"]), prepared(CFG["resolutions"]["high"])],
+            unless_restored(lambda w: L.trained_vae_config, lambda scenario, w: digest(scenario.data_section()),
+                            [prepared(CFG["resolutions"]["low"]), prepared(CFG["resolutions"]["high"])]),
         output:
             str(L.trained_vae_config),
         params:
@@ -102,8 +103,10 @@ if not CFG["autoencoder"]["pretrained"]:
 rule encode:
     priority: 40  # the training chain first (Snakefile, "Priorities")
     input:
-        prepared=str(L.prepared_report("{data}")),
-        vae=[] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config),
+        unpack(unless_restored(lambda w: L.latents_manifest(w.data),
+                               lambda scenario, w: data_params(w.data, scenario)[2],
+                               lambda w: {"prepared": str(L.prepared_report(w.data)),
+                                          "vae": [] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config)})),
     output:
         str(L.latents_manifest("{data}")),
     params:

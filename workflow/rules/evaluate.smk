@@ -22,11 +22,21 @@ def _inception_references(res):
     return [str(L.inception_reference(res, mode)) for mode in INCEPTION_MODES]
 
 
-def _reference_stats_hash(w):
-    parts = [SCENARIO.data_section(), CFG["evaluator"], w.res]
-    if INCEPTION_MODES:  # appended only when wanted: other configs keep their hash
-        parts.append({"inception": INCEPTION_MODES, "max_images": CFG["evaluation"]["inception_max_images"]})
+def _reference_stats_hash(scenario, w):
+    config = scenario.config
+    modes = inception_modes(m for m in config["evaluation"]["metrics"] if m not in (config["evaluation"]["reference_stats"] or {}))
+    parts = [scenario.data_section(), config["evaluator"], w.res]
+    if modes:  # appended only when wanted: other configs keep their hash
+        parts.append({"inception": modes, "max_images": config["evaluation"]["inception_max_images"]})
     return digest(parts)
+
+
+def _evaluator_hash(scenario, w):
+    return digest([scenario.data_section(), scenario.config["evaluator"]])
+
+
+def _evaluate_hash(scenario, w):
+    return digest(eval_hash_section(scenario.eval_section(scenario.runs[w.run])))
 
 
 _REFERENCE_ARGS = f"--prepared {q(L.prepared(data_key('{wildcards.res}')))} --evaluator {q(L.evaluator)}"
@@ -40,12 +50,13 @@ else:  # the command text as it was (Snakemake's code trigger compares it)
 
 rule train_evaluator:
     input:
-        prepared(CFG["resolutions"]["high"]),
-        checks=checks(data_key(CFG["resolutions"]["high"])),
+        unpack(unless_restored(lambda w: L.evaluator_config, _evaluator_hash,
+                               {"prepared": prepared(CFG["resolutions"]["high"]),
+                                "checks": checks(data_key(CFG["resolutions"]["high"]))})),
     output:
         str(L.evaluator_config),
     params:
-        h=digest([SCENARIO.data_section(), CFG["evaluator"]]),
+        h=_evaluator_hash(SCENARIO, None),
     threads: CFG["threads"]
     resources:
         **rule_resources("train_evaluator"),
@@ -57,13 +68,13 @@ rule train_evaluator:
 
 rule reference_stats:
     input:
-        prepared=prepared("{res}"),
-        evaluator=str(L.evaluator_config),
+        unpack(unless_restored(lambda w: L.reference(w.res), _reference_stats_hash,
+                               lambda w: {"prepared": prepared(w.res), "evaluator": str(L.evaluator_config)})),
     output:
         str(L.reference("{res}")),
         _inception_references("{res}"),
     params:
-        h=_reference_stats_hash,
+        h=lambda w: _reference_stats_hash(SCENARIO, w),
     threads: CFG["threads"]
     resources:
         **rule_resources("reference_stats"),
@@ -97,16 +108,17 @@ rule sample:
 rule evaluate:
     priority: 10  # the training chain first (Snakefile, "Priorities")
     input:
-        samples=str(L.run("{run}").samples_index),
-        evaluator=str(L.evaluator_config),
-        reference=lambda w: str(L.reference(RUNS[w.run].resolution)),
-        inception_references=lambda w: _inception_references(RUNS[w.run].resolution),
-        fid_reference=[f for path in REFERENCE_FILES.values() for f in _local(path)],
-        clip=_local(CFG["evaluation"]["clip_model"]),
+        unpack(unless_restored(lambda w: L.metrics(w.run), _evaluate_hash, lambda w: {
+            "samples": str(L.run(w.run).samples_index),
+            "evaluator": str(L.evaluator_config),
+            "reference": str(L.reference(RUNS[w.run].resolution)),
+            "inception_references": _inception_references(RUNS[w.run].resolution),
+            "fid_reference": [f for path in REFERENCE_FILES.values() for f in _local(path)],
+            "clip": _local(CFG["evaluation"]["clip_model"])})),
     output:
         str(L.metrics("{run}")),
     params:
-        h=lambda w: digest(eval_hash_section(SCENARIO.eval_section(RUNS[w.run]))),
+        h=lambda w: _evaluate_hash(SCENARIO, w),
         # one process, or torchrun over the rule's GPUs (each rank scores its share of every image set)
         launch=launcher(job_resources(CFG, "evaluate"), q(sys.executable)),
     threads: CFG["threads"]

@@ -13,14 +13,18 @@ def train_inputs(wildcards):
     return inputs
 
 
+def train_hash(scenario, w):
+    return digest(scenario.run_section(scenario.runs[w.run]))
+
+
 rule train:
     priority: 30  # the training chain first (Snakefile, "Priorities")
     input:
-        unpack(train_inputs),
+        unpack(unless_restored(lambda w: L.run(w.run).final, train_hash, train_inputs)),
     output:
         str(L.run("{run}").final),
     params:
-        h=lambda w: digest(SCENARIO.run_section(RUNS[w.run])),
+        h=lambda w: train_hash(SCENARIO, w),
         launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage), q(sys.executable)),
     threads: CFG["threads"]
     resources:
