@@ -122,6 +122,21 @@ def test_a_metric_added_after_pull_reruns_only_evaluation(shared_study, tmp_path
     assert snakemake_plan(clone, "config/smoke_more.yaml") == {"evaluate": len(RUNS), "report": 1, "all": 1}
 
 
+def test_a_sampling_change_after_pull_resamples_the_pulled_snapshots_without_retraining(shared_study):
+    clone = shared_study["clone"]
+    config = yaml.safe_load((clone / "config" / "smoke.yaml").read_text())
+    config["sampling"]["steps"] += 1
+    (clone / "config" / "smoke_steps.yaml").write_text(yaml.safe_dump(config))
+    assert snakemake_plan(clone, "config/smoke_steps.yaml") == {"sample": len(RUNS), "evaluate": len(RUNS),
+                                                                "report": 1, "all": 1}
+    sh(clone, sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/smoke_steps.yaml")
+    index = yaml.safe_load((clone / "work/smoke/runs" / RUNS[1] / "samples/index.json").read_text())
+    before = yaml.safe_load((shared_study["origin"] / "work/smoke/runs" / RUNS[1] / "samples/index.json").read_text())
+    assert index["snapshots"] == before["snapshots"] and len(index["snapshots"]) >= 2  # every evaluated snapshot
+    assert index["steps"] == before["steps"] + 1
+    assert not (clone / "work" / "smoke" / "prepared").exists()  # no data rebuilt, nothing retrained
+
+
 def test_restore_refuses_a_config_edited_before_it(shared_study):
     clone = shared_study["clone"]
     config = yaml.safe_load((clone / "config" / "smoke.yaml").read_text())

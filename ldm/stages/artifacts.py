@@ -3,7 +3,7 @@
 Why a copy and not the workdir itself: DVC tracks the files and directories dvc.yaml names, and the workdir also
 holds resume checkpoints, logs, prepared crops and latent caches nobody should push. `export` gathers what a study
 shares into `<results>/artifacts/` (one DVC-cached, persisted output of the `artifacts` stage): every run's final EMA
-weights, the tiny VAE, the offline evaluator and the reference statistics; the sample sets and latent caches too
+weights and its evaluated snapshots' EMA weights (what resampling draws from), the tiny VAE, the offline evaluator and the reference statistics; the sample sets and latent caches too
 when `artifacts.samples` / `artifacts.latents` ask (they are large). Beside it, `<results>/dvc.yaml` registers each
 final weight file under DVC's `artifacts:` (type model, labels recipe / stage / resolution / training seed, a
 description with the run id and the hash of everything the weights depend on), so `dvc artifacts get` finds them.
@@ -22,6 +22,7 @@ not produce.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,13 +32,17 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, load_scenario
+from ..config import ConfigError, load_scenario, read_yaml
+from ..checkpoint import list_snapshots
 from ..layout import CACHE_MANIFEST
-from ..provenance import atomic_write_bytes, atomic_write_json, digest, file_sha256
+from ..provenance import atomic_write_bytes, atomic_write_json, code_version, digest, file_sha256
 from ..restored import Restored
 from ..spec import Scenario
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+#: What sampling reads of a snapshot (`checkpoint.list_snapshots` wants state.json); not the optimiser or RNG state
+SNAPSHOT_FILES = ("ema.safetensors", "state.json")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-/]*[a-z0-9])?$")  # what DVC accepts as an artifact name
 
 
@@ -70,6 +75,9 @@ def shared_files(scenario: Scenario) -> list[tuple[str, Path]]:
         for key in sorted({run.data_key for run in scenario.runs.values()}):
             tree("latents", layout.latents(key), CACHE_MANIFEST)
     for run_id in scenario.runs:
+        # the evaluated snapshots' EMA weights and state: what `ldm sample` draws from (the curve's points)
+        for snapshot in list_snapshots(layout.run(run_id).checkpoints):
+            files.extend(("snapshot", snapshot / name) for name in SNAPSHOT_FILES)
         files.append(("model", layout.run(run_id).final))
         if wanted["samples"]:
             samples = layout.run(run_id).samples
@@ -90,7 +98,13 @@ def _link_or_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def export(scenario: Scenario) -> dict:
+def config_identity(config_path: str) -> str:
+    """The hash of the config as written (not as validated: a code update that adds a default must not make a
+    pulled study look as if another config had made it)."""
+    return digest(read_yaml(config_path))
+
+
+def export(scenario: Scenario, config_path: str) -> dict:
     """Gather the shared files into `<results>/artifacts/` with their manifest, and write the registry."""
     layout = scenario.layout
     out = layout.artifacts
@@ -106,7 +120,8 @@ def export(scenario: Scenario) -> dict:
     kept = {str(out / e["path"]) for e in entries} | {str(out / MANIFEST)}
     for stale in [p for p in out.rglob("*") if p.is_file() and str(p) not in kept]:
         stale.unlink()  # a run no longer in the grid, an opt-in turned off
-    manifest = {"scenario": scenario.config["name"], "config": digest(scenario.config), "files": entries,
+    manifest = {"scenario": scenario.config["name"], "config": config_identity(config_path),
+                "code_version": code_version(), "files": entries,
                 "models": [_model_entry(scenario, run_id) for run_id in scenario.runs]}
     atomic_write_json(out / MANIFEST, manifest)
     atomic_write_bytes(layout.artifacts_registry, _registry(scenario, manifest).encode())
@@ -145,10 +160,14 @@ def restore(scenario: Scenario, config_path: str, snakefile: Path, cores: int) -
     if not manifest_path.is_file():
         raise ConfigError(f"{manifest_path}: no exported artifacts here; `dvc pull` them first")
     manifest = json.loads(manifest_path.read_text())
-    if manifest["config"] != digest(scenario.config):
+    if manifest["config"] != config_identity(config_path):
         raise ConfigError(f"{config_path}: differs from the config the artifacts in {layout.artifacts} were exported "
-                          f"with (hash {manifest['config']}, now {digest(scenario.config)}); restore with that config, "
-                          "then edit it: Snakemake reruns what the edit concerns")
+                          f"with (hash {manifest['config']}, now {config_identity(config_path)}); restore with that "
+                          "config, then edit it: Snakemake reruns what the edit concerns")
+    if manifest["code_version"] != code_version():
+        log.warning("the artifacts were exported by code %s, this is %s: a rule whose hash the code changed is "
+                    "touched as up to date; `snakemake -n --forceall` lists the jobs to rerun by hand",
+                    manifest["code_version"], code_version())
     for entry in manifest["files"]:
         source = layout.artifacts / entry["path"]
         if not source.is_file() or source.stat().st_size != entry["bytes"]:
@@ -171,7 +190,7 @@ def restore(scenario: Scenario, config_path: str, snakefile: Path, cores: int) -
 def run(args) -> None:
     scenario = load_scenario(args.config)
     if args.action == "export":
-        manifest = export(scenario)
+        manifest = export(scenario, args.config)
         size = sum(e["bytes"] for e in manifest["files"])
         print(f"exported {len(manifest['files'])} files ({size / 2**20:.1f} MiB, {len(manifest['models'])} models) "
               f"to {scenario.layout.artifacts}; registry {scenario.layout.artifacts_registry}")
