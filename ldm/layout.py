@@ -149,7 +149,8 @@ class Layout:
         return self.results / "metrics" / f"{run_id}.json"
 
     def sample_grid(self, run_id: str) -> Path:
-        return self.results / "plots" / f"samples_{run_id}.png"
+        """One folder of grids per scenario: DVC shows a folder of images as image plots (dvc.yaml)."""
+        return self.results / "plots" / "samples" / f"{run_id}.png"
 
     @property
     def summary(self) -> Path:
