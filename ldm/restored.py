@@ -31,8 +31,10 @@ class Restored:
         record = json.loads(path.read_text())
         return cls(Scenario(validate(record["config"], source=str(path))), frozenset(record["files"]))
 
-    def write(self, layout) -> None:
-        atomic_write_json(layout.restored_record, {"config": self.scenario.config, "files": sorted(self.files)})
+    @staticmethod
+    def write(layout, config_as_written: dict, files) -> None:
+        """The config as written, not as validated: read back by later code, it gets that code's defaults."""
+        atomic_write_json(layout.restored_record, {"config": config_as_written, "files": sorted(files)})
 
     def inputs(self, output: str, unchanged: bool, wanted):
         """A job's inputs, less those not on disk when its output was restored and its rule hash is `unchanged`."""

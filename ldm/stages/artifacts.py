@@ -175,7 +175,7 @@ def restore(scenario: Scenario, config_path: str, snakefile: Path, cores: int) -
         _link_or_copy(source, layout.workdir / entry["path"])
     # the results the clone holds in git (metrics records, tables) are outputs made with this config too
     results = [str(p) for p in layout.results.rglob("*") if p.is_file() and layout.artifacts not in p.parents]
-    Restored(scenario, frozenset(results + [str(layout.workdir / e["path"]) for e in manifest["files"]])).write(layout)
+    Restored.write(layout, read_yaml(config_path), results + [str(layout.workdir / e["path"]) for e in manifest["files"]])
     # this interpreter's Snakemake: its path reaches the rules' commands, which Snakemake compares (`ldm` and
     # `snakemake` as console scripts share one; `python -m ldm.cli` pairs with `python -m snakemake`)
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--configfile", config_path,
