@@ -43,6 +43,8 @@ DEFAULTS: dict = {
         "grad_clip": 1.0, "ema": 0.9999, "snapshots": 4, "precision": "fp32",
         "lr_schedule": "constant", "min_lr_ratio": 0.0, "grad_accum": 1, "checkpoint_every": None,
         "keep_last": 2, "distributed": "ddp", "max_nonfinite_skips": 0,
+        # DataLoader workers gathering each rank's rows (`ldm.data.loader`); outside run hashes (`spec.LOADER_KEYS`)
+        "loader_workers": 0,
     },
     "sampling": {
         "sampler": "ddim", "steps": 50, "guidance": 1.5, "guidance_control": 1.0,

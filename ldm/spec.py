@@ -23,6 +23,9 @@ from .provenance import digest
 #: Samplers a config may choose, per objective (the schema's enums are checked against this table).
 #: `ldm.sampling` also takes "ddim" for flow, as a synonym of Euler; configs name it "euler".
 SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddim", "dpm", "ddpm"), "rectified_flow": ("euler",)}
+#: `training` keys that decide how the input is read, never which rows a step gets (`ldm.data.loader`): left out of
+#: run hashes and the config fingerprint, so setting them reruns nothing and adding their default kept every hash.
+LOADER_KEYS = ("loader_workers",)
 
 
 def from_section(cls, name: str, section: dict):
@@ -284,7 +287,7 @@ class Scenario:
             "recipe": {k: v for k, v in config["recipes"][run.recipe].items() if k != "train_seeds"},
             # resources change where a run executes, not its weights
             "stage": {k: v for k, v in config["stages"][run.stage].items() if k != "resources"},
-            "training": config["training"],
+            "training": {k: v for k, v in config["training"].items() if k not in LOADER_KEYS},
             "run_id": run.run_id,
         }
         if run.init_run:
@@ -306,4 +309,5 @@ class Scenario:
         return int(digest([self.config["seed"], "train_seed", run.train_seed]), 16) % (2**63)
 
     def fingerprint(self) -> str:
-        return digest(self.config)
+        training = {k: v for k, v in self.config["training"].items() if k not in LOADER_KEYS}
+        return digest({**self.config, "training": training})

@@ -38,6 +38,8 @@ from ..checkpoint import (
 from ..config import load_scenario
 from ..errors import ConfigError, NonFiniteLossError
 from ..data.latent_cache import LatentDataset
+from ..data.loader import StepBatches
+from ..data.loader import next_batch as _next_batch  # noqa: F401 - its tests import it from here
 from ..models import model_from_config
 from ..optim import adamw, ema_decay_at, load_optimizer_state, lr_at, optimizer_state, update_ema
 from ..provenance import digest
@@ -102,22 +104,6 @@ def _mask_generator(seed: int, step: int, offset: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(digest([seed, "mask", step, offset]), 16) % (2**63))
 
 
-def _next_batch(order, data_state, batch_size, count, gen):
-    """Next `batch_size` indices, walking epochs of random permutations (drop nothing, wrap epochs)."""
-    picked, have = [], 0
-    while have < batch_size:
-        pos = data_state["position"]
-        take = min(batch_size - have, count - pos)
-        have += take
-        picked.append(order[pos:pos + take])
-        data_state["position"] = pos + take
-        if data_state["position"] >= count:
-            order = torch.randperm(count, generator=gen)
-            data_state["epoch"] += 1
-            data_state["position"] = 0
-    return torch.cat(picked), order
-
-
 class Trainer:
     """One run's training: set-up, initialisation or resume, the step, its log record, snapshots, export."""
 
@@ -157,6 +143,9 @@ class Trainer:
         if self.count == 0:
             raise ConfigError(f"run {self.run.run_id}: every row of {cache_dir} is held out (dataset.heldout)")
         self.data = self.dataset.rows()
+        own = slice(self.micro_slices[0].start, self.micro_slices[-1].stop) if self.world > 1 else None  # rows read
+        self.batches = StepBatches(cache_dir, self.train_rows, self.batch_size, own, self.tcfg.get("loader_workers", 0),
+                                   pin_memory=self.accelerator.device.type == "cuda")
         self.latent_shape = self.data.shapes["mean"]
         self.num_classes = len(self.dataset.classes)
         self.text_dim = (self.dataset.manifest.get("text_encoder") or {}).get("dim")
@@ -233,7 +222,7 @@ class Trainer:
         acc.wait_for_everyone()
         if self.main:
             save_snapshot(directory, step, model_state, self.ema, opt_state, self.generators,
-                          {**self.data_state, "order": self.order.tolist()}, self.model_config, self.resume_key,
+                          {**self.data_state, "order": self.batches.order.tolist()}, self.model_config, self.resume_key,
                           extra={"nonfinite_skips": self.nonfinite_skips, "world_size": self.world}, tmp=tmp,
                           resume_section=self.key_section)
             if not evaluated:
@@ -248,10 +237,7 @@ class Trainer:
         noise, condition dropout, text padding, timesteps + noise), but reads only its own share of the rows:
         the draws per sample do not depend on world size or grad_accum."""
         acc, tcfg, noise_gen = self.accelerator, self.tcfg, self.generators["noise"]
-        idx, self.order = _next_batch(self.order, self.data_state, self.batch_size, self.count, self.generators["data"])
-        idx = self.train_rows[idx]
-        own = slice(self.micro_slices[0].start, self.micro_slices[-1].stop) if self.world > 1 else None  # rows read
-        x0, kwargs = training_inputs(self.recipe, self.data.gather(idx, keep=own), noise_gen, self.num_classes,
+        x0, kwargs = training_inputs(self.recipe, self.batches.next(), noise_gen, self.num_classes,
                                      self.dataset.scaling_factor, self.dataset.shift_factor,
                                      uses_control=self.raw_model.takes_control)
         t_all, noise_all = self.objective.draw(tuple(x0.shape), noise_gen)
@@ -324,8 +310,9 @@ class Trainer:
         self.stop = _StopFlag()
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         # The epoch's permutation is saved with each snapshot; a fresh run draws the first one here.
-        self.order = (torch.tensor(self.data_state.pop("order")) if "order" in self.data_state
-                      else torch.randperm(self.count, generator=self.generators["data"]))
+        order = (torch.tensor(self.data_state.pop("order")) if "order" in self.data_state
+                 else torch.randperm(self.count, generator=self.generators["data"]))
+        self.batches.start(order, self.data_state, self.generators["data"], total - start)  # reads ahead from here
         if start == 0 and 0 in targets:
             self.snapshot(0, evaluated=True)
         # The state dict's tensors share storage with the parameters, which the optimizer updates in place:
