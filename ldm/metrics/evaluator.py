@@ -215,8 +215,8 @@ def _augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Ten
     return (x + 3.0 * torch.randn(x.shape, generator=gen)).clamp(0, 255)
 
 
-def _validate(images: np.ndarray, labels: dict, vocab: dict) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+def _validate(images, labels: dict, vocab: dict) -> None:
+    if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be a uint8 array N×H×W×3, got {getattr(images, 'shape', type(images))}")
     if set(labels) != set(vocab):
         raise ValueError(f"labels heads {sorted(labels)} differ from vocab heads {sorted(vocab)}")
@@ -252,14 +252,20 @@ def _contrastive_loss(model: "Evaluator", features: torch.Tensor, captions: list
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: dict[str, list[str]], out: Path,
+def _inputs(images, rows, size: int) -> torch.Tensor:
+    """uint8 N×3×size×size: the images at `rows` as the evaluator sees them (resized, rounded), decoded here."""
+    return resize_to_input(to_float_batch(images[np.asarray(rows)]), size).round().clamp(0, 255).to(torch.uint8)
+
+
+def train_evaluator(images, labels: dict[str, np.ndarray], vocab: dict[str, list[str]], out: Path,
                     steps: int, batch_size: int, seed: int, holdout: float = 0.1, *, input_size: int = 64,
                     width: int = 32, feature_dim: int = 128, lr: float = 1e-3,
                     device: str = "cpu", captions: list[str] | None = None) -> dict[str, float | None]:
     """Train on a random (1-holdout) share, report accuracy per head on the rest, save to `out`.
 
-    Labels of -1 are ignored in the loss and in the accuracy. Returns {head: held-out accuracy}
-    (None for a head without held-out targets). With `captions` (one per image) the caption tower trains
+    `images`: uint8 N×H×W×3, or a `ldm.data.prepared.PreparedImages` (each mini-batch is decoded and resized when
+    drawn, so memory does not grow with N). Labels of -1 are ignored in the loss and in the accuracy. Returns
+    {head: held-out accuracy} (None for a head without held-out targets). With `captions` (one per image) the caption tower trains
     beside the heads and the result has `caption`: held-out own-vs-other caption accuracy (`derangement`).
     `out/config.json` is written last, after the weights, and records the weights' sha256, so a half-replaced
     pair is detected at load time.
@@ -281,8 +287,6 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
         model = Evaluator(vocab, input_size, width, feature_dim, captions=captions is not None)
     model.to(device)
     gen = torch.Generator().manual_seed(seed)
-    x_all = torch.cat([resize_to_input(to_float_batch(images[i : i + 512]), input_size).round().clamp(0, 255)
-                       .to(torch.uint8) for i in range(0, n, 512)])
     y_all = {k: torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in labels.items()}
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -298,7 +302,7 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
             perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
         idx = perm[pos : pos + batch_size]
         pos += batch_size
-        x = _augment(x_all[idx].float(), max_shift, gen).to(device)
+        x = _augment(_inputs(images, idx.numpy(), input_size).float(), max_shift, gen).to(device)
         features, logits = model(x)
         losses = [] if captions is None else [_contrastive_loss(model, features, [captions[i] for i in idx.tolist()])]
         for k, lg in logits.items():
@@ -315,18 +319,21 @@ def train_evaluator(images: np.ndarray, labels: dict[str, np.ndarray], vocab: di
     acc: dict[str, float | None] = {k: None for k in model.head_names}
     if captions is not None:
         acc["caption"] = None
-    if n_val:
-        pred = model.predict(x_all[torch.as_tensor(val_idx)])
+    if n_val:  # held-out images decoded a batch at a time (the batches of one pass over them: the same bits)
+        own = None if captions is None else [captions[i] for i in val_idx]
+        other = None if own is None else [own[j] for j in derangement(len(own))]
+        preds, sims = [], []
+        for a in range(0, n_val, BATCH):
+            x = _inputs(images, val_idx[a:a + BATCH], input_size)
+            preds.append(model.predict(x))
+            if own is not None:
+                sims.append([model.caption_similarity(x, c[a:a + BATCH]) for c in (own, other)])
         for k in model.head_names:
-            y = np.asarray(labels[k])[val_idx]
+            y, pred = np.asarray(labels[k])[val_idx], np.concatenate([p[k] for p in preds])
             mask = y >= 0
-            acc[k] = float((pred[k][mask] == y[mask]).mean()) if mask.any() else None
-        if captions is not None and n_val > 1:
-            held = x_all[torch.as_tensor(val_idx)]
-            own = [captions[i] for i in val_idx]
-            other = [own[j] for j in derangement(len(own))]
-            acc["caption"] = caption_pair_accuracy(model.caption_similarity(held, own),
-                                                   model.caption_similarity(held, other))
+            acc[k] = float((pred[mask] == y[mask]).mean()) if mask.any() else None
+        if own is not None and n_val > 1:
+            acc["caption"] = caption_pair_accuracy(*(np.concatenate(v) for v in zip(*sims)))
 
     model.to("cpu")
     out = Path(out)

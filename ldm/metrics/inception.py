@@ -24,7 +24,7 @@ import torch.nn as nn
 from cleanfid import fid as cleanfid_fid
 
 from ldm.errors import MissingWeightsError
-from ldm.metrics.fid import feature_statistics, frechet_distance_of_features, load_stats, save_stats
+from ldm.metrics.fid import StreamingMoments, frechet_distance_of_features, load_stats, save_stats
 from ldm.provenance import file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # cleanfid/downloads_helper.py: check_download_inception
@@ -234,13 +234,9 @@ def _load_inception(mode: str, device: torch.device, weights_dir=None, sha256: s
 
 def _image_chunks(images) -> Iterator[np.ndarray]:
     """uint8 N×H×W×3 chunks of one array or of an iterable of arrays (an H×W×3 item is one image)."""
-    if isinstance(images, np.ndarray):
-        chunks: Iterable = (images,)
-    elif isinstance(images, (torch.Tensor, str, bytes)) or not isinstance(images, Iterable):
+    if isinstance(images, (torch.Tensor, str, bytes)) or not isinstance(images, Iterable):
         raise TypeError(f"expected uint8 images N×H×W×3 or an iterable of such arrays, got {type(images).__name__}")
-    else:
-        chunks = images
-    for chunk in chunks:
+    for chunk in (images,) if isinstance(images, np.ndarray) else images:
         chunk = chunk[None] if isinstance(chunk, np.ndarray) and chunk.ndim == 3 else chunk
         if not isinstance(chunk, np.ndarray) or chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
             raise TypeError(f"expected uint8 images N×H×W×3, got {getattr(chunk, 'dtype', type(chunk).__name__)} "
@@ -275,10 +271,8 @@ def _array_batches(images, mode: str, batch_size: int, max_images: int | None = 
         yield torch.stack(out)
 
 
-def _inception_features(images, model, mode: str, device: torch.device, batch_size: int,
-                        max_images: int | None = None) -> np.ndarray:
-    """N×2048 float64 features of an image folder, one uint8 array, or an iterable of uint8 arrays (streamed:
-    only one batch of resized images is in memory at a time; the features, 16 KiB per image, are kept)."""
+def _feature_batches(images, model, mode: str, device, batch_size: int, max_images=None) -> Iterator[np.ndarray]:
+    """float64 N×2048 features batch by batch: of a folder (one block), a uint8 array or an iterable of them."""
     if isinstance(images, (str, Path)):
         folder = Path(images)
         if not folder.is_dir():
@@ -287,13 +281,22 @@ def _inception_features(images, model, mode: str, device: torch.device, batch_si
             raise ValueError(f"{folder} is a prepared parquet directory: pass its images (uint8 array) or stats")
         if max_images is not None:
             raise ValueError("max_images applies to arrays and streams, not to an image folder")
-        feats = cleanfid_fid.get_folder_features(str(folder), model, num_workers=0, batch_size=batch_size,
-                                                 device=device, mode=mode, verbose=False)
-    else:
-        batches = [cleanfid_fid.get_batch_features(b, model, device)
-                   for b in _array_batches(images, mode, batch_size, max_images)]
-        feats = np.concatenate(batches) if batches else np.empty((0, INCEPTION_DIM), np.float32)
-    return np.asarray(feats, np.float64)
+        yield np.asarray(cleanfid_fid.get_folder_features(str(folder), model, num_workers=0, batch_size=batch_size,
+                                                          device=device, mode=mode, verbose=False), np.float64)
+        return
+    for b in _array_batches(images, mode, batch_size, max_images):
+        yield np.asarray(cleanfid_fid.get_batch_features(b, model, device), np.float64)
+
+
+def _inception_features(*args, **kwargs) -> np.ndarray:
+    """All N×2048 float64 features (16 KiB per image: for generated image sets, not whole datasets)."""
+    return np.concatenate(list(_feature_batches(*args, **kwargs)) or [np.empty((0, INCEPTION_DIM))])
+
+
+def _statistics(*args, **kwargs) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, count), the features' moments accumulated batch by batch (`StreamingMoments`)."""
+    moments = StreamingMoments.of(_feature_batches(*args, **kwargs))
+    return (*moments.statistics(), moments.rows)
 
 
 def inception_features(images, mode: str = "clean", *, device: str | torch.device = "cpu", batch_size: int = BATCH,
@@ -319,13 +322,12 @@ def inception_statistics(images_or_batches, mode: str = "clean", *, device: str 
 
     `images_or_batches`: uint8 N×H×W×3, an iterable of such arrays (streamed: e.g. one generator of shards; only a
     batch of resized images is held), or an image folder. At most `max_images` images are read (the first ones);
-    `count` says how many were used. The same images give bit-identical statistics however they are chunked."""
+    `count` says how many were used. The same images give bit-identical statistics however they are chunked;
+    the features are not kept, their moments are (`StreamingMoments`: all features' statistics up to its block)."""
     _check_mode(mode)
     device = torch.device(device)
-    feats = _inception_features(images_or_batches, _load_inception(mode, device, weights_dir), mode, device,
-                                batch_size, max_images)
-    mu, sigma = feature_statistics(feats)
-    return mu, sigma, len(feats)
+    return _statistics(images_or_batches, _load_inception(mode, device, weights_dir), mode, device, batch_size,
+                       max_images)
 
 
 def inception_reference_path(evaluator_reference_path: str | Path, mode: str) -> Path:
@@ -345,10 +347,9 @@ def save_inception_reference(images, mode: str, out: str | Path, *, device: str 
     _check_mode(mode)
     device = torch.device(device)
     model = _load_inception(mode, device, weights_dir)
-    feats = _inception_features(images, model, mode, device, batch_size, max_images)
-    mu, sigma = feature_statistics(feats)
+    mu, sigma, count = _statistics(images, model, mode, device, batch_size, max_images)
     written = {"max_images": max_images, **(meta or {}), "protocol": PROTOCOLS[mode], "mode": mode,
-               "count": int(len(feats)), "inception_network": model.identity, "device": str(device),
+               "count": int(count), "inception_network": model.identity, "device": str(device),
                "batch_size": int(batch_size)}
     save_stats(out, mu, sigma, written)
     return written
@@ -393,8 +394,7 @@ def inception_fid(gen_images, ref, mode: str = "clean", *, device: str | torch.d
         sha256 = _reference_sha256(meta)
     model = None if gen_features is not None and stats is not None else \
         _load_inception(mode, device, weights_dir, **({"sha256": sha256} if sha256 else {}))  # before the work
-    mu2, sigma2 = stats if stats is not None else feature_statistics(
-        _inception_features(ref, model, mode, device, batch_size))
+    mu2, sigma2 = stats if stats is not None else _statistics(ref, model, mode, device, batch_size)[:2]
     if gen_features is None:
         gen_features = _inception_features(gen_images, model, mode, device, batch_size)
     return frechet_distance_of_features(gen_features, mu2, sigma2)

@@ -41,11 +41,16 @@ def manifold_coverage(manifold, radii, queries, chunk: int = 1024) -> np.ndarray
     return torch.cat([(_dist(q[s:s + chunk], m) <= r[None]).any(1) for s in range(0, len(q), chunk)]).numpy()
 
 
-def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
-    """{"precision", "recall"} of generated features `fake` against real features `real` (both N×F)."""
+def precision_recall(real, fake, real_radii=None, k: int = 3) -> dict[str, float]:
+    """{"precision", "recall"} of generated features `fake` against real features `real` (both N×F).
+    `real_radii`: `knn_radii(real, k)` computed once beforehand (the real manifold is the same for every image
+    set of an evaluation; recomputing it is O(N²) per call)."""
     real, fake = _as64(real), _as64(fake)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature widths differ: real {real.shape[1]}, fake {fake.shape[1]}")
-    precision = manifold_coverage(real, knn_radii(real, k), fake).mean()
+    if real_radii is not None and np.shape(real_radii) != (len(real),):
+        raise ValueError(f"{np.shape(real_radii)} radii for {len(real)} real points")
+    radii = knn_radii(real, k) if real_radii is None else real_radii
+    precision = manifold_coverage(real, radii, fake).mean()
     recall = manifold_coverage(fake, knn_radii(fake, k), real).mean()
     return {"precision": float(precision), "recall": float(recall)}

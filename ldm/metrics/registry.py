@@ -28,7 +28,7 @@ from ..errors import UserError
 __all__ = ["PR_K", "Need", "ImageSet", "ProtocolInputs", "MetricSpec", "METRICS", "UnknownMetricError", "metric",
            "lower_is_better", "better_sign", "direction_word", "selectable_names", "curve_metrics",
            "report_order", "protocol_texts", "compute_metrics", "INCEPTION_MODES", "INCEPTION_SETTINGS",
-           "inception_modes", "eval_hash_section"]
+           "inception_modes", "eval_hash_section", "PR_REAL_IMAGES"]
 
 PR_K = 3  # k of the k-NN manifolds of precision / recall (Kynkäänniemi et al. 2019)
 
@@ -39,7 +39,7 @@ class Need(str, enum.Enum):
     FEATURES = "evaluator features of the samples"
     PREDICTIONS = "evaluator-predicted classes of the samples"
     REFERENCE_STATS = "evaluator-feature statistics of the real images (reference-stats)"
-    REAL_FEATURES = "evaluator features of all real prepared images"
+    REAL_FEATURES = "evaluator features of the real prepared images (at most evaluation.pr_real_images)"
     CLIP = "a CLIP model (evaluation.clip_model)"
     INCEPTION = "clean-fid's Inception and an Inception reference"
     SIZE_CONDITIONS = "samples of one noise at every sampling.size_conditions size"
@@ -64,14 +64,15 @@ class EvalContext(Protocol):
     """What compute functions read from the evaluation (`ldm.stages.evaluate._Context`); loaded lazily there."""
 
     ref_stats: tuple
-    real_features: np.ndarray
+    real_features: np.ndarray  # of the precision / recall subset of real images (`ldm.metrics.real_subset`)
     clip: Any
     classes: list[str]
     evaluator: Any  # the offline evaluator (its caption tower for caption_score / caption_accuracy)
 
     def inception_reference(self, mode: str) -> Any: ...  # the Inception reference of one clean-fid mode
 
-    # optional: `inception_device` (where the Inception runs), `ranks` (`ldm.ranks.Ranks`: per-image work shared)
+    # optional: `inception_device` (where the Inception runs), `ranks` (`ldm.ranks.Ranks`: per-image work shared),
+    # `real_radii` (the k-NN radii of `real_features`, computed once per evaluation)
 
 
 def _per_image(ctx: EvalContext, fn, items, batch: int):
@@ -128,7 +129,7 @@ def _cond_accuracy(ctx: EvalContext, s: ImageSet) -> dict:
 def _precision_recall(ctx: EvalContext, s: ImageSet) -> dict:
     from .manifold import precision_recall
 
-    return precision_recall(ctx.real_features, s.features, k=PR_K)
+    return precision_recall(ctx.real_features, s.features, getattr(ctx, "real_radii", None), k=PR_K)
 
 
 def _clip_score(ctx: EvalContext, s: ImageSet) -> dict:
@@ -157,6 +158,9 @@ def _caption_match(ctx: EvalContext, s: ImageSet) -> dict:
 INCEPTION_MODES = {"fid_clean": "clean", "fid_legacy_tf": "legacy_tensorflow"}
 #: `evaluation` keys that only the Inception metrics read (`eval_hash_section`)
 INCEPTION_SETTINGS = ("inception_max_images", "inception_snapshots", "inception_seeds")
+#: real images in the precision / recall manifold when `evaluation.pr_real_images` is not set (not in
+#: ldm.config.DEFAULTS: a filled-in key would enter every evaluate hash); every image of the toy configs
+PR_REAL_IMAGES = 10_000
 
 
 def inception_modes(metrics: Iterable[str]) -> list[str]:
@@ -170,11 +174,17 @@ def eval_hash_section(section: dict) -> dict:
     """`Scenario.eval_section` as the evaluate rule hashes it (and as a record's `config_hash` states it): the
     Inception settings (`INCEPTION_SETTINGS`) are left out of its `evaluation` when no Inception metric is wanted,
     since they change nothing then, so configs without Inception metrics keep the hashes they had before these
-    settings existed (no rerun of existing work directories)."""
+    settings existed (no rerun of existing work directories). `pr_real_images` (set only where a config sets it)
+    is left out unless precision or recall is wanted and it differs from `PR_REAL_IMAGES`: it changes nothing
+    then either."""
     evaluation = section["evaluation"]
-    if inception_modes(evaluation.get("metrics", ())):
+    wanted = set(evaluation.get("metrics", ()))
+    drop = set() if inception_modes(wanted) else set(INCEPTION_SETTINGS)
+    if not wanted & {"precision", "recall"} or evaluation.get("pr_real_images", PR_REAL_IMAGES) == PR_REAL_IMAGES:
+        drop.add("pr_real_images")
+    if not drop & set(evaluation):
         return section
-    return {**section, "evaluation": {k: v for k, v in evaluation.items() if k not in INCEPTION_SETTINGS}}
+    return {**section, "evaluation": {k: v for k, v in evaluation.items() if k not in drop}}
 
 
 def _inception_fid(mode: str, name: str) -> Compute:

@@ -16,7 +16,9 @@ ones (`Layout.inception_reference`), else (no cache: a run by hand) with statist
 computed here once. The Inception runs at 299 px (a few images/s per CPU core), so it scores the final snapshot
 only unless `evaluation.inception_snapshots` is `all`, and the first `evaluation.inception_seeds` sampling
 seeds (null: all). The record's `inception` says, per metric, which network, which reference (file and
-sha256), how many real and generated images, and which seeds and steps.
+sha256), how many real and generated images, and which seeds and steps. Precision / recall compare with at most
+`evaluation.pr_real_images` evenly spaced real images (`ldm.metrics.real_subset`), as the record's
+`precision_recall` says; no stage holds all the decoded real images (`ldm.data.prepared.PreparedImages`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import numpy as np
 from ..checkpoint import load_final
 from ..config import load_scenario
 from ..data.latent_cache import LatentDataset
-from ..data.prepared import load_prepared
+from ..data.prepared import image_chunks
+from ..data.prepared import open_prepared as load_prepared  # lazy: (PreparedImages, meta); tests swap in arrays
 from ..layout import data_key
 from ..metrics.clip_score import ClipUnavailable, load_clip
 from ..metrics.consistency import size_consistency
@@ -35,8 +38,10 @@ from ..metrics.evaluator import BATCH as EVALUATOR_BATCH
 from ..metrics.evaluator import load_evaluator
 from ..metrics.fid import load_stats
 from ..metrics.inception import PROTOCOLS, inception_network_identity, inception_statistics
-from ..metrics.registry import (INCEPTION_MODES, ImageSet, Need, compute_metrics, eval_hash_section, metric,
-                                protocol_texts)
+from ..metrics.manifold import knn_radii
+from ..metrics.real_subset import RealManifold
+from ..metrics.registry import (INCEPTION_MODES, PR_K, PR_REAL_IMAGES, ImageSet, Need, compute_metrics,
+                                eval_hash_section, metric, protocol_texts)
 from ..models.inventory import run_cost
 from ..provenance import atomic_write_json, code_version, digest, file_sha256
 from ..ranks import Ranks
@@ -46,14 +51,16 @@ from ..spec import Run, Scenario
 
 
 class _Context:
-    """What every image set is compared with; real images and their features loaded once, on first use."""
+    """What every image set is compared with, loaded once, on first use: the real images (decoded a chunk at a
+    time, never all at once), the precision / recall subset's features and radii (`RealManifold`)."""
 
     def __init__(self, scenario: Scenario, resolution: int, evaluator, ref_stats, classes: list[str], log,
                  prompts: list[str] | None = None, ranks: Ranks = Ranks()):
         self.scenario, self.config, self.ranks = scenario, scenario.config, ranks
         self.resolution, self.evaluator, self.ref_stats = resolution, evaluator, ref_stats
         self.classes, self.wanted = classes, self.config["evaluation"]["metrics"]
-        self._real, self._real_feats, self.clip, self.skipped = None, None, None, {}
+        self._real, self._manifold, self._real_feats, self._real_radii = None, None, None, None
+        self.clip, self.skipped = None, {}
         self._inception: dict[str, object] = {}
         unmet = {Need.CLASSES: None if classes else "the data has no classes (caption-only)",
                  Need.PROMPTS: None if prompts is not None else "the run is not text-conditional (no prompts)",
@@ -78,16 +85,27 @@ class _Context:
                 self.skipped.update(dict.fromkeys(clip_users, "clip_score skipped: CLIP failed to load on another rank"))
 
     @property
-    def real(self) -> np.ndarray:
+    def real(self):
+        """The real prepared images, a `PreparedImages`: read a chunk at a time, never decoded all at once."""
         if self._real is None:
             self._real, _ = load_prepared(self.scenario.layout.prepared(data_key(self.resolution)))
         return self._real
 
     @property
     def real_features(self) -> np.ndarray:
+        """Evaluator features of the precision / recall subset of the real images (`RealManifold`)."""
         if self._real_feats is None:
-            self._real_feats = self.evaluator.features(self.real)
+            cap = self.config["evaluation"].get("pr_real_images", PR_REAL_IMAGES)
+            self._manifold = RealManifold(self.real, self.evaluator, cap, PR_K)
+            self._real_feats, self._real_radii = self._manifold.features, self._manifold.radii
         return self._real_feats
+
+    @property
+    def real_radii(self) -> np.ndarray:
+        """Their k-NN radii, computed once per evaluation (not once per image set)."""
+        if self._real_radii is None:
+            self._real_radii = knn_radii(self.real_features, PR_K)
+        return self._real_radii
 
     @property
     def inception_device(self) -> str:
@@ -106,7 +124,8 @@ class _Context:
             elif cached.is_file():
                 self._inception[mode] = cached
             else:
-                self._inception[mode] = inception_statistics(self.real, mode, device=self.inception_device)
+                self._inception[mode] = inception_statistics(image_chunks(self.real), mode,
+                                                             device=self.inception_device)
         return self._inception[mode]
 
     def scored(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -253,6 +272,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = 
         "step": entry["step"],
         "metrics": summary,
         **extra,
+        **({"precision_recall": ctx._manifold.provenance()} if ctx._manifold is not None else {}),
         "skipped": ctx.skipped,
         "curve": curve,
         "sample_grid": str(grid_path), **grid,

@@ -7,6 +7,9 @@ same images for that protocol (fid_clean, fid_legacy_tf) next to them, at
 network runs at 299 px (a few images per second per CPU core): `--inception-max-images K` caps the images used
 to K evenly spaced ones (image i * N // K of N, so every part of the prepared order, e.g. every class, keeps its
 share); the meta of each file says how many were used (`count`) out of how many (`of`).
+
+Memory is bounded whatever the number of images: the prepared images are decoded a chunk at a time
+(`ldm.data.prepared.PreparedImages`) and both statistics accumulate moments (`ldm.metrics.fid.StreamingMoments`).
 """
 from __future__ import annotations
 
@@ -14,20 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.prepared import REPORT, load_prepared
+from ..data.prepared import REPORT, evenly_spaced, image_chunks
+from ..data.prepared import open_prepared as load_prepared  # lazy: (PreparedImages, meta); tests swap in arrays
 from ..metrics.evaluator import WEIGHTS, load_evaluator
 from ..metrics.fid import reference_statistics, save_stats
 from ..metrics.inception import PROTOCOLS, inception_reference_path, save_inception_reference
 from ..provenance import file_sha256
 
 
-def evenly_spaced(n: int, k: int | None) -> np.ndarray:
-    """Indices of at most k of n items, evenly spaced (i * n // k), ascending; all n when k is None or >= n."""
-    if k is None or k >= n:
-        return np.arange(n)
-    if k < 2:
-        raise ValueError(f"an image cap must keep at least 2 images (a covariance needs them), got {k}")
-    return np.arange(k) * n // k
+__all__ = ["evenly_spaced", "inception_device", "run"]  # evenly_spaced: ldm.data.prepared's, kept importable here
+
+#: images decoded at a time for the Inception statistics (a whole number of its batches of 32; 200 MB at 512 px)
+CHUNK = 256
 
 
 def inception_device(requested: str | None = None) -> str:
@@ -48,12 +49,11 @@ def run(args) -> None:
     provenance = {"prepared": str(args.prepared), "prepared_report_sha256": file_sha256(prepared / REPORT)}
     cap = getattr(args, "inception_max_images", None)
     pick = evenly_spaced(len(images), cap) if modes else np.arange(len(images))
-    subset = images if len(pick) == len(images) else images[pick]
     selection = "all images" if len(pick) == len(images) else f"{len(pick)} evenly spaced: image i * N // K"
     device = inception_device(getattr(args, "device", None)) if modes else "cpu"
     for mode in modes:  # written before the evaluator statistics, the file the rule's consumers wait on
         out = inception_reference_path(args.out, mode)
-        meta = save_inception_reference(subset, mode, out, device=device,
+        meta = save_inception_reference(image_chunks(images, pick, CHUNK), mode, out, device=device,
                                         meta={**provenance, "of": int(len(images)), "max_images": cap,
                                               "selection": selection})
         print(f"{meta['protocol']} reference statistics of {meta['count']} of {len(images)} images written to {out}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_scenario
-from ..data.prepared import load_prepared, read_report
+from ..data.prepared import open_prepared, read_report
 from ..layout import data_key
 from ..metrics.evaluator import train_evaluator
 
@@ -38,7 +38,7 @@ def run(args) -> None:
     scenario = load_scenario(args.config)
     config = scenario.config
     prepared = scenario.layout.prepared(data_key(config["resolutions"]["high"]))
-    images, meta = load_prepared(prepared)
+    images, meta = open_prepared(prepared)  # decoded a mini-batch at a time, never all at once
     classes = read_report(prepared)["classes"]
     labels, vocab = evaluator_targets(meta, classes)
     ecfg = config["evaluator"]
