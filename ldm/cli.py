@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=1, help="random crops per image, each its own row (random policies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this node (the same files as one; the prepare rule passes its cpus)")
+    p.add_argument("--rank", type=int, default=None, help="this task's rank (default: env RANK or 0)")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="tasks sharing the work, part j to rank j %% W (default: env WORLD_SIZE or 1)")
     p = add("check-data", "what the study needs of prepared data (classes, captions, duplicates); one line if not")
     p.add_argument("prepared", help="a prepared directory (the output of `ldm prepare`)")
     p.add_argument("--min-classes", type=int, default=2, help="fewer classes leave nothing to condition on")

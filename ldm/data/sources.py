@@ -17,6 +17,7 @@ import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -76,7 +77,16 @@ def _read_regular(path: Path) -> bytes:
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
-    return lambda: _read_regular(path)
+    return partial(_read_regular, path)
+
+
+def _given(data: bytes | None) -> bytes:
+    return data if data is not None else b""
+
+
+def _bytes_reader(data: bytes | None) -> Callable[[], bytes]:
+    """`read()` of bytes already in hand. A partial, not a lambda: samples are pickled to prepare's workers."""
+    return partial(_given, data)
 
 
 def _is_image_name(p: Path) -> bool:
@@ -198,11 +208,11 @@ class ParquetSource(Source):
                     label = -1 if label is None else int(label)
                     value = data[img_col][i]
                     if img_col == "image":
-                        read = (lambda v=value: v if v is not None else b"")
+                        read = _bytes_reader(value)
                     else:
                         p = Path(value) if value else None
                         read = _file_reader(p if p is None or p.is_absolute() else path.parent / p) \
-                            if p is not None else (lambda: b"")
+                            if p is not None else _bytes_reader(None)
                     yield RawSample(key, read, label, cap, attrs)
 
 
@@ -267,7 +277,7 @@ class TarSource(Source):
             self.skipped["bad_caption"] += 1
             return None
         data = parts[img_ext]
-        return RawSample(f"{path.name}:{sample_key}", lambda: data, label, cap.strip(), attrs)
+        return RawSample(f"{path.name}:{sample_key}", _bytes_reader(data), label, cap.strip(), attrs)
 
 
 def _expand(source: str) -> list[Path]:

@@ -40,13 +40,19 @@ rule prepare:
         crop=lambda w: data_params(w.data)[1],
         px=lambda w: data_params(w.data)[0],
         crops=lambda w: 1 if data_params(w.data)[1] == "center" else CFG["dataset"]["random_crops"],
+    # one worker process per cpu of the job (`resources.prepare.cpus`; a local run caps threads at --cores)
+    threads: rule_resources("prepare")["cpus_per_task"]
     resources:
         **rule_resources("prepare"),
     log:
         str(L.log("prepare.{data}.log")),
+    # `--workers` (same files as one process) only with several cpus: at 1 the command text, and with it
+    # Snakemake's rerun decision for existing workdirs, stays as it was
     shell:
         f"{LDM} prepare {{params.source:q}} --out {q(L.prepared('{wildcards.data}'))}"
-        f" --resolution {{params.px}} --crop {{params.crop}} --crops {{params.crops}} --seed {CFG['seed']} > {LOG} 2>&1"
+        f" --resolution {{params.px}} --crop {{params.crop}} --crops {{params.crops}} --seed {CFG['seed']}"
+        + (" --workers {threads}" if rule_resources("prepare")["cpus_per_task"] > 1 else "")
+        + f" > {LOG} 2>&1"
 
 
 # Checks that need the prepared data (ldm/data/checks.py): a single class, an empty class folder, no caption
