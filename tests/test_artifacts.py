@@ -7,6 +7,7 @@ the pulled weights are the pushed bytes, Snakemake and DVC plan nothing, and a m
 only the evaluation jobs (and the report).
 """
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +93,9 @@ def test_pulled_weights_are_the_pushed_bytes(shared_study):
     for run in RUNS:
         relative = Path("work/smoke/runs") / run / "final.safetensors"
         assert _sha(shared_study["clone"] / relative) == _sha(shared_study["origin"] / relative)
+        # the published numbers name the weights they came from (`dvc metrics show` / `dvc exp show`)
+        summary = json.loads((shared_study["clone"] / "results/smoke/summary" / f"{run}.json").read_text())
+        assert summary["weights_sha256"] == _sha(shared_study["clone"] / relative)
 
 
 def test_the_registry_names_every_run_with_its_labels(shared_study):

@@ -268,6 +268,8 @@ def evaluate_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = 
         "reference": {"file": str(ref_file), "sha256": file_sha256(ref_file), **ref_meta},
         "evaluator_heldout_accuracy": evaluator.config.get("heldout_accuracy"),
         "evaluator_weights_sha256": evaluator.config.get("weights_sha256"),
+        # the run's final EMA weights, as `ldm artifacts` shares them (a run evaluated by hand may have none)
+        "weights_sha256": file_sha256(final) if (final := layout.run(run_id).final).is_file() else None,
         "chance_accuracy": 1.0 / len(index["classes"]) if index["classes"] else None,
         "step": entry["step"],
         "metrics": summary,

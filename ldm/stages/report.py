@@ -348,6 +348,8 @@ def build_report(config: dict) -> dict:
     for rec in records:
         if rec.get("guidance_sweep"):
             summary[rec["run_id"]]["chosen_guidance"] = rec["guidance_sweep"]["chosen_scale"]
+        if rec.get("weights_sha256"):  # beside the numbers in `dvc metrics show` / `dvc exp show`: which weights
+            summary[rec["run_id"]]["weights_sha256"] = rec["weights_sha256"]
     write_study_report(config, records, layout.results)  # REPORT.md, when the config has a `study` section
     write_html_report(layout.results, f"{config['name']}: results")  # the same page, figures inside, for a browser
     for stale in (layout.results / "summary").glob("*.json"):
