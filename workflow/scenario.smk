@@ -76,9 +76,10 @@ def run_resources(key):
 RESTORED = Restored.of(L)
 
 
-def unless_restored(output, rule_hash, inputs):
+def unless_restored(output, rule_hash, inputs, complete=lambda wildcards: True):
     """An input function: `inputs` (a value or a function of the wildcards), trimmed as RESTORED says.
-    `output(w)` is the job's output path, `rule_hash(scenario, w)` the hash in its params."""
+    `output(w)` is the job's output path, `rule_hash(scenario, w)` the hash in its params; `complete(w)`: whether
+    what the output stands for came back whole (a latent cache's manifest may come back without its shards)."""
 
     def function(wildcards):
         wanted = inputs(wildcards) if callable(inputs) else inputs
@@ -88,7 +89,7 @@ def unless_restored(output, rule_hash, inputs):
             unchanged = rule_hash(RESTORED.scenario, wildcards) == rule_hash(SCENARIO, wildcards)
         except KeyError:  # a run or resolution the restored config did not have
             unchanged = False
-        return RESTORED.inputs(str(output(wildcards)), unchanged, wanted)
+        return RESTORED.inputs(str(output(wildcards)), unchanged and complete(wildcards), wanted)
 
     return function
 

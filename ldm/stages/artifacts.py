@@ -71,9 +71,11 @@ def shared_files(scenario: Scenario) -> list[tuple[str, Path]]:
     tree("evaluator", layout.evaluator, layout.evaluator_config.name)
     for res in sorted({run.resolution for run in scenario.runs.values()}):
         files.extend(("reference", p) for p in sorted(layout.reference(res).parent.glob(f"{layout.reference(res).stem}*.npz")))
-    if wanted["latents"]:
-        for key in sorted({run.data_key for run in scenario.runs.values()}):
+    for key in sorted({run.data_key for run in scenario.runs.values()}):
+        if wanted["latents"]:
             tree("latents", layout.latents(key), CACHE_MANIFEST)
+        else:  # the manifest alone (classes, latent shape, scaling): what sampling a class-conditional run reads
+            files.append(("latents_manifest", layout.latents_manifest(key)))
     for run_id in scenario.runs:
         # the evaluated snapshots' EMA weights and state: what `ldm sample` draws from (the curve's points)
         for snapshot in list_snapshots(layout.run(run_id).checkpoints):

@@ -109,10 +109,12 @@ if not CFG["autoencoder"]["pretrained"]:
 rule encode:
     priority: 40  # the training chain first (Snakefile, "Priorities")
     input:
+        # a restored manifest without its shards (latents not shared) stands for no cache: rebuilt when asked for
         unpack(unless_restored(lambda w: L.latents_manifest(w.data),
                                lambda scenario, w: data_params(w.data, scenario)[2],
                                lambda w: {"prepared": str(L.prepared_report(w.data)),
-                                          "vae": [] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config)})),
+                                          "vae": [] if CFG["autoencoder"]["pretrained"] else str(L.trained_vae_config)},
+                               complete=lambda w: missing_shard_error(L.latents(w.data)) is None)),
     output:
         str(L.latents_manifest("{data}")),
     params:

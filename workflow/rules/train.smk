@@ -3,7 +3,9 @@
 def train_inputs(wildcards):
     run = RUNS[wildcards.run]
     missing = missing_shard_error(L.latents(run.data_key))
-    if missing:  # before any job starts, not as a training job failing on every retry
+    # before any job starts, not as a training job failing on every retry; a manifest restored without its shards
+    # (`ldm artifacts restore`, latents not shared) is no error: encode refills the cache first
+    if missing and not (RESTORED and str(L.latents_manifest(run.data_key)) in RESTORED.files):
         raise WorkflowError(missing)
     inputs = {"latents": str(L.latents_manifest(run.data_key)), "checks": checks(run.data_key)}
     if run.init_run:
