@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ldm.errors import MissingWeightsError
+from ldm.progress import progress
 from ldm.provenance import atomic_replace_dir, file_sha256
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -165,7 +166,7 @@ def train_tiny_vae(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))))
     vae.train()
     loss_value = float("nan")
-    for step in range(steps):
+    for step in progress(range(steps), "train-vae", unit="step"):
         x = train[step % len(train)]
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=g)
         xb = x[idx]

@@ -30,6 +30,7 @@ from ldm.data.preparing import finish, image_rows, shard_file, write_shard
 from ldm.data.sources import RawSample, open_source
 from ldm.data.transforms import SkipImage
 from ldm.errors import EmptyDatasetError
+from ldm.progress import progress
 from ldm.provenance import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,6 @@ def prepare_parallel(source: str, out: Path, settings: dict, shard_size: int, wo
                      world_size: int, part_size: int) -> dict:
     """`ldm.stages.prepare.prepare` with `workers` processes, as rank `rank` of `world_size`: the report once
     every part exists (identical to one process's), else {"complete": False, parts, missing, parts_done}."""
-    from tqdm.auto import tqdm
-
     src = open_source(source)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).unlink(missing_ok=True)  # a run that dies midway must not look finished
@@ -206,7 +205,7 @@ def prepare_parallel(source: str, out: Path, settings: dict, shard_size: int, wo
     records: dict[int, dict] = {}
     who = f" rank {rank}/{world_size}" if world_size > 1 else ""
     with _Runner(workers) as runner:
-        samples = tqdm(src, desc=f"prepare {settings['resolution']}px{who}", unit="img", disable=None)
+        samples = progress(src, f"prepare {settings['resolution']}px{who}", unit="img")
         for j, batch in enumerate(_parts_of(samples, part_size)):
             digests.append((_digest(batch), len(batch)))
             if j % world_size != rank:

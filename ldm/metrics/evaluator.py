@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+from ldm.progress import progress
 from ldm.provenance import atomic_write_bytes, atomic_write_json, file_sha256
 
 FORMAT = "ldm-evaluator/1"
@@ -297,7 +298,7 @@ def train_evaluator(images, labels: dict[str, np.ndarray], vocab: dict[str, list
     train_t = torch.as_tensor(train_idx)
     perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
     model.train()
-    for _ in range(steps):
+    for _ in progress(range(steps), "train-evaluator", unit="step"):
         if pos + batch_size > len(perm):  # new epoch: fresh permutation, drop the ragged tail
             perm, pos = train_t[torch.randperm(len(train_t), generator=gen)], 0
         idx = perm[pos : pos + batch_size]

@@ -22,6 +22,7 @@ from ldm.data.prepared import REPORT
 from ldm.data.preparing import finish, image_rows, sample_rng, shard_file, write_shard
 from ldm.data.sources import open_source
 from ldm.data.transforms import CROP_POLICIES, SkipImage
+from ldm.progress import progress
 from ldm.provenance import file_sha256
 
 __all__ = ["prepare", "run", "sample_rng"]
@@ -67,8 +68,6 @@ def prepare(source: str, out: Path, resolution: int, crop: str = "center", seed:
 
 def _prepare_one_process(source: str, out: Path, settings: dict, shard_size: int) -> dict:
     """The streaming path: rows are written as soon as a shard is full (no intermediate files)."""
-    from tqdm.auto import tqdm
-
     src = open_source(source)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).unlink(missing_ok=True)  # a run that dies midway must not look finished
@@ -84,7 +83,7 @@ def _prepare_one_process(source: str, out: Path, settings: dict, shard_size: int
         shards.append({"file": path.name, "rows": len(rows), "sha256": file_sha256(path)})
         rows.clear()
 
-    for sample in tqdm(src, desc=f"prepare {settings['resolution']}px", unit="img", disable=None):
+    for sample in progress(src, f"prepare {settings['resolution']}px", unit="img"):
         try:
             new = image_rows(sample, **settings)
         except SkipImage as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.prepared import REPORT, evenly_spaced, image_chunks
+from ..progress import progress
 from ..data.prepared import open_prepared as load_prepared  # lazy: (PreparedImages, meta); tests swap in arrays
 from ..metrics.evaluator import WEIGHTS, load_evaluator
 from ..metrics.fid import reference_statistics, save_stats
@@ -53,7 +54,9 @@ def run(args) -> None:
     device = inception_device(getattr(args, "device", None)) if modes else "cpu"
     for mode in modes:  # written before the evaluator statistics, the file the rule's consumers wait on
         out = inception_reference_path(args.out, mode)
-        meta = save_inception_reference(image_chunks(images, pick, CHUNK), mode, out, device=device,
+        chunks = progress(image_chunks(images, pick, CHUNK), f"reference-stats inception {mode}",
+                          total=-(-len(pick) // CHUNK), unit="chunk")
+        meta = save_inception_reference(chunks, mode, out, device=device,
                                         meta={**provenance, "of": int(len(images)), "max_images": cap,
                                               "selection": selection})
         print(f"{meta['protocol']} reference statistics of {meta['count']} of {len(images)} images written to {out}")
