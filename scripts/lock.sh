@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install -q -e '.[test,tracking]'
+"$tmp/venv/bin/pip" install -q -e '.[test,tracking,t5]'
 {
     sed -n '1,3p' constraints.txt
     "$tmp/venv/bin/pip" freeze --exclude-editable
