@@ -23,8 +23,8 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     """`items`, unchanged, with a bar on a terminal or a log line every `every` seconds (and at the end)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    if sys.stderr.isatty():
-        yield from tqdm(items, desc=desc, total=total, unit=unit)
+    if sys.stderr.isatty():  # `ldm -q` silences the bar as it does the lines
+        yield from tqdm(items, desc=desc, total=total, unit=unit, disable=not log.isEnabledFor(logging.INFO))
         return
     start = last = time.monotonic()
     done = 0

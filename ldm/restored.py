@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import validate
+from .errors import ConfigError
 from .provenance import atomic_write_json
 from .spec import Scenario
 
@@ -28,8 +29,12 @@ class Restored:
         path = layout.restored_record
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
-        return cls(Scenario(validate(record["config"], source=str(path))), frozenset(record["files"]))
+        try:
+            record = json.loads(path.read_text())
+            return cls(Scenario(validate(record["config"], source=str(path))), frozenset(record["files"]))
+        except (ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+            raise ConfigError(f"{path}: unreadable record of `ldm artifacts restore` ({exc}); delete it, or restore "
+                              "again") from None
 
     @staticmethod
     def write(layout, config_as_written: dict, files) -> None:

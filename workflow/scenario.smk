@@ -73,7 +73,10 @@ def run_resources(key):
 # After `dvc pull` and `ldm artifacts restore` (ldm/stages/artifacts.py): a job whose output was restored and whose
 # rule hash is still the one it was made with needs none of its inputs that are not on disk (prepared data, latents:
 # never pulled), so Snakemake does not rebuild them; a config edit that changes its hash gives them back.
-RESTORED = Restored.of(L)
+try:
+    RESTORED = Restored.of(L)
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
 
 
 def unless_restored(output, rule_hash, inputs, complete=lambda wildcards: True):

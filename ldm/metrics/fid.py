@@ -69,10 +69,14 @@ class StreamingMoments:
             raise ValueError(f"expected an N×F feature array, got shape {feats.shape}")
         self._rows.append(feats)
         self._buffered += len(feats)
-        while self._buffered > self.block:  # keep at most one block buffered; fold whole blocks only
-            rows = np.concatenate(self._rows)
-            self._fold(rows[:self.block])
-            self._rows, self._buffered = [rows[self.block:]], len(rows) - self.block
+        if self._buffered <= self.block:  # keep at most one block buffered; fold whole blocks only
+            return
+        rows = np.concatenate(self._rows)  # once: a large chunk is folded by offset, not copied per block
+        start = 0
+        while len(rows) - start > self.block:
+            self._fold(rows[start:start + self.block])
+            start += self.block
+        self._rows, self._buffered = [rows[start:]], len(rows) - start
 
     def _fold(self, rows: np.ndarray) -> None:
         mean = rows.mean(axis=0)

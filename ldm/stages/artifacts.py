@@ -47,8 +47,8 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9-/]*[a-z0-9])?$")  # what DVC accepts as a
 
 
 def artifact_name(run_id: str) -> str:
-    """DVC artifact names allow lower-case letters, digits and dashes: `dit.synthetic.pretrain.32.s0` ->
-    `dit-synthetic-pretrain-32-s0`."""
+    """DVC artifact names allow lower-case letters, digits, dashes and slashes; a run id becomes letters, digits
+    and dashes: `dit.synthetic.pretrain.32.s0` -> `dit-synthetic-pretrain-32-s0`."""
     name = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-")
     if not _NAME.fullmatch(name):
         raise ConfigError(f"run {run_id!r}: no valid DVC artifact name can be made of it")
@@ -110,11 +110,12 @@ def export(scenario: Scenario, config_path: str) -> dict:
     """Gather the shared files into `<results>/artifacts/` with their manifest, and write the registry."""
     layout = scenario.layout
     out = layout.artifacts
-    missing = [str(path) for _, path in shared_files(scenario) if not path.is_file()]
+    shared = shared_files(scenario)
+    missing = [str(path) for _, path in shared if not path.is_file()]
     if missing:
         raise ConfigError(f"{missing[0]}: not there to export ({len(missing)} missing); run the pipeline first")
     entries = []
-    for kind, path in shared_files(scenario):
+    for kind, path in shared:
         relative = path.relative_to(layout.workdir)
         _link_or_copy(path, out / relative)
         entries.append({"kind": kind, "path": str(relative), "bytes": path.stat().st_size,
@@ -122,6 +123,9 @@ def export(scenario: Scenario, config_path: str) -> dict:
     kept = {str(out / e["path"]) for e in entries} | {str(out / MANIFEST)}
     for stale in [p for p in out.rglob("*") if p.is_file() and str(p) not in kept]:
         stale.unlink()  # a run no longer in the grid, an opt-in turned off
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
     manifest = {"scenario": scenario.config["name"], "config": config_identity(config_path),
                 "code_version": code_version(), "files": entries,
                 "models": [_model_entry(scenario, run_id) for run_id in scenario.runs]}
@@ -175,8 +179,8 @@ def restore(scenario: Scenario, config_path: str, snakefile: Path, cores: int) -
         if not source.is_file() or source.stat().st_size != entry["bytes"]:
             raise ConfigError(f"{source}: missing or of another size than exported; run `dvc pull` again")
         _link_or_copy(source, layout.workdir / entry["path"])
-    # the results the clone holds in git (metrics records, tables) are outputs made with this config too
-    results = [str(p) for p in layout.results.rglob("*") if p.is_file() and layout.artifacts not in p.parents]
+    # the metrics records the clone holds in git are outputs made with this config too (the evaluate jobs')
+    results = [str(layout.metrics(r)) for r in scenario.runs if layout.metrics(r).is_file()]
     Restored.write(layout, read_yaml(config_path), results + [str(layout.workdir / e["path"]) for e in manifest["files"]])
     # this interpreter's Snakemake: its path reaches the rules' commands, which Snakemake compares (`ldm` and
     # `snakemake` as console scripts share one; `python -m ldm.cli` pairs with `python -m snakemake`)

@@ -88,15 +88,18 @@ rule check_data:
 
 if not CFG["autoencoder"]["pretrained"]:
 
+    def vae_hash(scenario, w):
+        return digest(scenario.data_section())
+
     rule train_vae:
         priority: 50  # the training chain first (Snakefile, "Priorities")
         input:
-            unless_restored(lambda w: L.trained_vae_config, lambda scenario, w: digest(scenario.data_section()),
+            unless_restored(lambda w: L.trained_vae_config, vae_hash,
                             [prepared(CFG["resolutions"]["low"]), prepared(CFG["resolutions"]["high"])]),
         output:
             str(L.trained_vae_config),
         params:
-            h=digest(SCENARIO.data_section()),
+            h=vae_hash(SCENARIO, None),
         threads: CFG["threads"]
         resources:
             **rule_resources("train_vae"),

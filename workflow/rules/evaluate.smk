@@ -13,9 +13,16 @@ def _local(path):
     return [path] if path and Path(path).exists() else []
 
 
-# clean-fid modes whose real-image statistics reference-stats writes: those without a statistics file of their own
 REFERENCE_FILES = CFG["evaluation"]["reference_stats"] or {}
-INCEPTION_MODES = inception_modes(m for m in CFG["evaluation"]["metrics"] if m not in REFERENCE_FILES)
+
+
+def _inception_modes(config):
+    """clean-fid modes whose real-image statistics reference-stats writes (those without a statistics file)."""
+    files = config["evaluation"]["reference_stats"] or {}
+    return inception_modes(m for m in config["evaluation"]["metrics"] if m not in files)
+
+
+INCEPTION_MODES = _inception_modes(CFG)
 
 
 def _inception_references(res):
@@ -24,7 +31,7 @@ def _inception_references(res):
 
 def _reference_stats_hash(scenario, w):
     config = scenario.config
-    modes = inception_modes(m for m in config["evaluation"]["metrics"] if m not in (config["evaluation"]["reference_stats"] or {}))
+    modes = _inception_modes(config)
     parts = [scenario.data_section(), config["evaluator"], w.res]
     if modes:  # appended only when wanted: other configs keep their hash
         parts.append({"inception": modes, "max_images": config["evaluation"]["inception_max_images"]})
