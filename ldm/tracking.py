@@ -6,7 +6,8 @@
   grad norm, lr and images/s so far.
 - `tensorboard`: `runs/<run>/tensorboard/` (`tensorboard --logdir work/<scenario>/runs`); needs the tensorboard
   package (`pip install -e '.[tracking]'`).
-A resumed run must not show the steps it lost: TensorBoard purges events past the resume step itself; the DVCLive
+`ldm evaluate` adds every metric of every evaluated snapshot (`log_snapshot_metrics`: `runs/<run>/dvclive-eval/`,
+and `eval/` in TensorBoard). A resumed run must not show the steps it lost: TensorBoard purges events past the resume step itself; the DVCLive
 folder is rebuilt from `log.jsonl`, which the trainer has already trimmed to the resumed snapshot.
 """
 from __future__ import annotations
@@ -69,3 +70,29 @@ class Trackers:
             self._live.end()
         if self._board is not None:
             self._board.close()
+
+
+def log_snapshot_metrics(names: list[str], run_dir: Path, curve: list[dict]) -> None:
+    """Every metric of every evaluated snapshot (`ldm evaluate`'s curve) to the same trackers, beside the training
+    curves: `runs/<run>/dvclive-eval/` (its own folder: the training one is rebuilt on resume) and the run's
+    TensorBoard folder under `eval/`. Rewritten whole on each evaluation, so a re-evaluation leaves no stale point."""
+    points = [(int(p["step"]), {k: float(v) for k, v in p.items() if k != "step" and not k.endswith("_std")
+                                and k != "num_seeds" and isinstance(v, (int, float))}) for p in curve]
+    if "dvclive" in names:
+        from dvclive import Live
+
+        folder = run_dir / "dvclive-eval"
+        shutil.rmtree(folder, ignore_errors=True)
+        with Live(dir=str(folder), save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False) as live:
+            for step, values in points:
+                live.step = step
+                for name, value in values.items():
+                    live.log_metric(f"eval/{name}", value)
+                live.make_summary()
+    if "tensorboard" in names:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as board:
+            for step, values in points:
+                for name, value in values.items():
+                    board.add_scalar(f"eval/{name}", value, step)

@@ -43,3 +43,16 @@ def test_dvclive_curves_follow_the_log_and_a_resume_drops_lost_steps(tmp_path):
 def test_unknown_tracker_is_one_line_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"tracking: unknown tracker\(s\) \['wandb'\]; valid: dvclive, tensorboard"):
         Trackers(["wandb"], tmp_path, tmp_path / "log.jsonl")
+
+
+def test_every_snapshot_metric_reaches_dvclive_and_a_reevaluation_leaves_no_stale_point(tmp_path):
+    from ldm.tracking import log_snapshot_metrics
+
+    curve = [{"step": 0, "num_seeds": 2, "fd_evaluator": 90.5, "fd_evaluator_std": 1.0, "cond_accuracy": 0.25},
+             {"step": 150, "num_seeds": 2, "fd_evaluator": 60.0, "fd_evaluator_std": 2.0, "cond_accuracy": 0.75}]
+    log_snapshot_metrics(["dvclive"], tmp_path, curve)
+    log_snapshot_metrics(["dvclive"], tmp_path, curve[1:])  # re-evaluated with one snapshot fewer
+    folder = tmp_path / "dvclive-eval" / "plots" / "metrics" / "eval"
+    assert sorted(p.stem for p in folder.glob("*.tsv")) == ["cond_accuracy", "fd_evaluator"]
+    rows = (folder / "fd_evaluator.tsv").read_text().splitlines()
+    assert rows == ["step\tfd_evaluator", "150\t60.0"]

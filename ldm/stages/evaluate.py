@@ -48,6 +48,7 @@ from ..ranks import Ranks
 from ..sample_grid import save_sample_grid
 from ..samples import load_set, read_index, read_prompts
 from ..spec import Run, Scenario
+from ..tracking import log_snapshot_metrics
 
 
 class _Context:
@@ -290,6 +291,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = 
                 f"steps {used['steps']}) vs {used['reference_images']} real images "
                 f"({used['reference'].get('file', used['reference']['source'])}), {used['network']['name']}")
     atomic_write_json(out, record)
+    log_snapshot_metrics(config["tracking"], layout.run(run_id).dir, curve)  # per snapshot, beside the loss
     return out
 
 
