@@ -60,7 +60,7 @@ def test_every_stage_produced_its_output(smoke_run):
         assert manifest["count"] == 96
     for run in RUNS:
         assert (work / "runs" / run / "final.safetensors").exists()
-        assert (results / "plots" / f"samples_{run}.png").exists()
+        assert (results / "plots" / "samples" / f"{run}.png").exists()
     assert (results / "tables" / "runs.md").exists()
     assert (results / "tables" / "transfer_vs_scratch.csv").exists()
     assert (results / "plots" / "curves.png").exists()
