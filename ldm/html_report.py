@@ -71,7 +71,8 @@ def write_html_report(results: Path, title: str) -> Path:
         text = report.read_text()
     else:  # a config without a `study`: the runs table and every figure
         text = "\n".join([f"# {title}", "", (results / "tables" / "runs.md").read_text(), "", "## Plots", ""]
-                          + [f"- [{p.stem}](plots/{p.name})" for p in sorted((results / "plots").glob("*.png"))])
+                          + [f"- [{p.stem}]({p.relative_to(results).as_posix()})"
+                             for p in sorted((results / "plots").rglob("*.png"))])
     body = _markdown().render(text)
     body = _LINK.sub(lambda m: _inline(results, m), body).replace("<p></p>", "")
     page = (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

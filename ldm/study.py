@@ -21,6 +21,13 @@ from .seed_groups import (compare, format_delta, format_stat, group_records, gro
                           run_group, train_seed)
 
 
+
+def _under_results(path: str) -> Path:
+    """A record's sample grid relative to the results folder (records store it from the working directory:
+    `results/plots/samples/<run>.png` -> `plots/samples/<run>.png`; older ones `plots/samples_<run>.png`)."""
+    parts = Path(path).parts
+    return Path(*parts[max(i for i, part in enumerate(parts) if part == "plots"):])
+
 def architecture_section(study: dict, by_ref: dict, metrics: list[str], config: dict) -> str:
     spec = study["architectures"]
     header = ["recipe", "arch", "size"]
@@ -115,8 +122,9 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
     parts += ["## Plots and tables", ""]
     parts += [f"- [{label}]({path})" for label, path in plots if (results / path).exists()]
     for r in records:
-        if r.get("sample_grid") and (results / "plots" / Path(r["sample_grid"]).name).exists():
-            parts.append(f"- samples of `{r['run_id']}`: [{Path(r['sample_grid']).name}](plots/{Path(r['sample_grid']).name})")
+        grid = _under_results(r["sample_grid"]) if r.get("sample_grid") else None
+        if grid is not None and (results / grid).exists():
+            parts.append(f"- samples of `{r['run_id']}`: [{grid.name}]({grid.as_posix()})")
             # text-to-image grids: the prompt of each image, in grid order (row by row)
             parts += [f"  {k + 1}. {prompt[:120]}" for k, prompt in enumerate(r.get("sample_grid_prompts") or [])]
     parts += ["", "## Claims checklist", "", method_paragraph(study, seeds, several), "",

@@ -153,6 +153,7 @@ def test_good_dataset_passes_and_writes_the_record(tmp_path):
 
 def test_cli_exits_2_with_one_line(tmp_path, capsys):
     prep = _prepared(tmp_path, {"only": 2})
+    capsys.readouterr()  # prepare's own progress line is not check-data's
     out = tmp_path / "checks.json"
     assert main(["check-data", str(prep), "--out", str(out)]) == 2
     err = capsys.readouterr().err
