@@ -234,6 +234,9 @@ def _check_study_refs(config: dict, source: str) -> None:
         for stage in arch["stages"]:
             if stage not in config["stages"]:
                 raise ConfigError(f"{source}: study.architectures.stages: unknown stage {stage!r}")
+    draws = [set(d) for d in study.get("draws", [])]
+    if sum(map(len, draws)) != len(set().union(*draws)):
+        raise ConfigError(f"{source}: study.draws: the draws share a training seed; they must be disjoint")
 
 
 def job_resources(config: dict, rule: str, stage: str | None = None) -> dict:

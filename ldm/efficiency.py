@@ -17,11 +17,21 @@ def first_reach(record: dict, metric: str, level: float) -> int | None:
     return None
 
 
+def step_before(record: dict, metric: str, step: int | None) -> int:
+    """The last snapshot step before `step` that scored `metric` (0: none, the run's start); with `step`
+    None (never reached), the run's last step. Reaching is known only between these two snapshots."""
+    if step is None:
+        return int(record["step"])
+    earlier = [int(p["step"]) for p in record.get("curve", []) if metric in p and p["step"] < step]
+    return max(earlier, default=0)
+
+
 def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tuple[float | None, dict]:
     """(level, {run ref: {training seed: (first step reaching it or None, images seen, training FLOPs or
-    None)}}). The level is the worst final value over every training seed of the compared runs, so every
-    record reaches it by its last snapshot; transferred runs are charged for their pre-training (the init
-    run of the same seed, `init_run`)."""
+    None, training FLOPs at the snapshot before or None)}}). The level is the worst final value over every
+    training seed of the compared runs, so every record reaches it by its last snapshot; transferred runs
+    are charged for their pre-training (the init run of the same seed, `init_run`). The last element bounds
+    the cost from below (`step_before`; a seed that never reached the level: its total cost)."""
     metric = spec["metric"]
     groups = {ref: as_group(by_ref.get(ref)) for ref in spec["runs"]}
     if len(groups) < 2 or any(g is None for g in groups.values()):
@@ -50,7 +60,8 @@ def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tu
         out[ref] = {}
         for rec in group:
             step = first_reach(rec, metric, level)
-            out[ref][train_seed(rec)] = (step, *cost(rec, step)) if step is not None else (None, None, None)
+            before = cost(rec, step_before(rec, metric, step))[1]
+            out[ref][train_seed(rec)] = (step, *cost(rec, step), before) if step is not None else (None, None, None, before)
     return level, out
 
 
@@ -76,7 +87,7 @@ def efficiency_section(metric: str, efficiency: tuple[float | None, dict]) -> st
         if not reached:
             rows.append([f"`{ref}`", "not reached", "—", "—", count])
         elif len(seeds) == 1:
-            step, images, flops = reached[0]
+            step, images, flops = reached[0][:3]
             rows.append([f"`{ref}`", str(step), f"{images:,}", "n/a" if flops is None else f"{flops:.3g}", count])
         else:
             steps, images = np.array([c[0] for c in reached], float), np.array([c[1] for c in reached], float)

@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import verdicts as V
-from .claims import arch_ranking, claims_section, method_paragraph
+from .claim_items import val_loss_refusal
+from .claims import claims_section, draws_section, method_paragraph
 from .efficiency import efficiency_costs, efficiency_section
 from .provenance import atomic_write_bytes
+from .variance_components import variance_section
 from .seed_groups import (compare, format_delta, format_stat, group_records, group_stat, markdown_table, metric_names,
                           run_group, train_seed)
 
@@ -53,7 +55,7 @@ def architecture_section(study: dict, by_ref: dict, metrics: list[str], config: 
 
 
 def ablation_section(name: str, spec: dict, by_ref: dict, metrics: list[str],
-                     default_margin: float = V.DEFAULT_MARGIN) -> str:
+                     default_margin: float = V.DEFAULT_MARGIN, config: dict | None = None) -> str:
     base = by_ref.get(spec["baseline"])
     header = ["run", *metrics, *[f"Δ {m} vs baseline [95% CI]" for m in metrics]]
     rows = []
@@ -63,7 +65,9 @@ def ablation_section(name: str, spec: dict, by_ref: dict, metrics: list[str],
         if ref == spec["baseline"]:
             deltas = ["baseline"] * len(metrics)
         else:
-            deltas = [format_delta(compare(base, rec, m, default_margin=default_margin)) for m in metrics]
+            deltas = ["not comparable (val_loss: another schedule or objective)"
+                      if m == "val_loss" and val_loss_refusal(config, [spec["baseline"], ref])
+                      else format_delta(compare(base, rec, m, default_margin=default_margin)) for m in metrics]
         rows.append([f"`{ref}`", *cells, *deltas])
     title = f"### {name}\n{spec.get('question', '')}\n\n"
     return title + markdown_table(header, rows)
@@ -108,7 +112,7 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
                   "Δ = variant − baseline with its 95% interval: paired t over training seeds where both runs "
                   "share them, Welch t otherwise; † = interval from sampling seeds only (a run trained once).", ""]
         for name, spec in study["ablations"].items():
-            parts += [ablation_section(name, spec, by_ref, metrics, margin), ""]
+            parts += [ablation_section(name, spec, by_ref, metrics, margin, config), ""]
     # computed once: the efficiency table and claim 6's compute evidence both read it
     efficiency = efficiency_costs(study["efficiency"], by_ref, by_run, config) if "efficiency" in study else None
     if efficiency is not None:
@@ -127,8 +131,12 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
             parts.append(f"- samples of `{r['run_id']}`: [{grid.name}]({grid.as_posix()})")
             # text-to-image grids: the prompt of each image, in grid order (row by row)
             parts += [f"  {k + 1}. {prompt[:120]}" for k, prompt in enumerate(r.get("sample_grid_prompts") or [])]
+    if several:
+        parts += ["", "## Variance components", "", variance_section(by_ref, metrics)]
     parts += ["", "## Claims checklist", "", method_paragraph(study, seeds, several), "",
-              claims_section(study, by_ref, arch_ranking(study, by_ref), efficiency, by_run, config), ""]
+              claims_section(study, by_ref, efficiency, by_run, config), ""]
+    if study.get("draws"):
+        parts += ["## Replication across draws of training seeds", "", draws_section(study, records, config), ""]
     path = results / "REPORT.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path

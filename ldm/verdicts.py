@@ -49,8 +49,6 @@ LEVEL = 0.95
 SAMPLING_Z = 2.0
 MAX_SEEDS = 50
 DEFAULT_MARGIN = 0.02  # relative to the baseline's mean (study.equivalence_margin)
-#: compute items on 1 training seed: a cost ratio inside (BAND, 1/BAND) is within snapshot resolution
-COST_BAND = 0.9
 
 SAMPLING_ONLY = "1 training seed: sampling noise only"
 NO_NOISE = "1 training seed and 1 sampling seed: no noise estimate"
@@ -317,19 +315,36 @@ def judge(interval: Interval | None, better_sign: int, margin: float | None) -> 
     return Verdict("inconclusive", interval, margin, reason, seeds_needed(interval, margin))
 
 
-def cost_ratio_verdict(baseline_cost: float, variant_cost: float, band: float = COST_BAND) -> Verdict:
-    """A compute comparison on one training seed (no noise estimate: the first step reaching a level is
-    resolved only to the snapshot spacing): cost ratio baseline/variant < band is "supported" (the
-    baseline needs clearly less), > 1/band "contradicted", in between "inconclusive"."""
-    ratio = baseline_cost / variant_cost
-    extra = {"ratio": ratio}
-    where = "1 training seed, snapshot resolution"
-    if ratio < band:
-        return Verdict("supported", reason=f"cost ratio {ratio:.2f}x < {band} ({where})", extra=extra)
-    if ratio > 1 / band:
-        return Verdict("contradicted", reason=f"cost ratio {ratio:.2f}x > {1 / band:.2f} ({where})", extra=extra)
-    return Verdict("inconclusive", reason=f"cost ratio {ratio:.2f}x within ({band}, {1 / band:.2f}): snapshot resolution",
-                   needed="≥ 2 training seeds per run for an interval", extra=extra)
+def censored_cost_verdict(baseline: dict, variant: dict, level: float = LEVEL) -> Verdict:
+    """A compute comparison ("the baseline reaches the level with fewer FLOPs") from interval-censored costs:
+    `baseline` / `variant` map a training seed to (lower, upper): the cost at the last snapshot before the
+    level and at the first snapshot at it (upper = inf where a seed never reached it, lower = its total).
+    The advantage is variant - baseline cost. Its interval takes the worst case of the censoring on each
+    end: lower end from the t interval (`difference_interval`) of variant lower - baseline upper, upper end
+    from that of variant upper - baseline lower; one training seed per side gives the bounds alone (no
+    noise estimate, said so). supported: the lower end > 0; contradicted: the upper end < 0; never
+    "equivalent": a snapshot-quantised cost says nothing about a difference smaller than the spacing."""
+    def end(base: int, var: int, which: str) -> float:
+        b = {s: c[base] for s, c in baseline.items()}
+        v = {s: c[var] for s, c in variant.items()}
+        if not all(map(math.isfinite, [*b.values(), *v.values()])):
+            return math.inf if which == "hi" else -math.inf
+        interval = difference_interval(Side(b), Side(v), level)
+        return interval.delta if interval.lo is None else getattr(interval, which)
+
+    lo, hi = end(1, 0, "lo"), end(0, 1, "hi")
+    one = len(baseline) == 1 or len(variant) == 1
+    basis = "1 training seed: cost bounds only, no noise estimate" if one else (
+        f"censoring-aware t over {len(baseline)} + {len(variant)} training seeds")
+    extra = {"bounds": (lo, hi), "basis": basis}
+    if lo > 0:
+        return Verdict("supported", reason="even at the censoring's worst case the baseline needs fewer FLOPs", extra=extra)
+    if hi < 0:
+        return Verdict("contradicted", reason="even at the censoring's best case the baseline needs more FLOPs",
+                       extra=extra)
+    return Verdict("inconclusive", reason="the interval contains 0: each cost is known only between two snapshots",
+                   needed="more snapshots near the level (`training.snapshots`) to narrow each seed's bounds, "
+                          "more training seeds for the noise", extra=extra)
 
 
 # --------------------------------------------------------------------------------------------- combining
@@ -366,28 +381,3 @@ def combine(verdicts: list[str], mode: str = "all") -> tuple[str, str]:
     if has["supported"]:
         return "partly supported", f"{has['supported']} item(s) supported, the others not ({k})"
     return "inconclusive", f"no item decides it ({k})"
-
-
-# ------------------------------------------------------------------------------------ trade-off summary
-def common_accuracy_level(sweeps: list[tuple[list, list]]) -> float | None:
-    """The highest accuracy every sweep reaches (min over sweeps of their max accuracy): the default
-    level of `tradeoff_summary`, so that every compared sweep has a value. `sweeps`: (quality, accuracy)."""
-    tops = [max(acc) for _, acc in sweeps if len(acc)]
-    return min(tops) if tops else None
-
-
-def tradeoff_summary(quality: list, accuracy: list, level: float, better_sign: int = -1) -> float | None:
-    """The best quality (e.g. lowest fd_evaluator) a guidance sweep reaches at accuracy >= `level`: over
-    the sweep's points with accuracy >= level and the points where the piecewise-linear path through the
-    sweep (in scale order) crosses accuracy = level (linear interpolation of quality there). None when
-    the sweep never reaches `level`. One number per sweep, so sweeps compare like any metric."""
-    q, a = np.asarray(quality, float), np.asarray(accuracy, float)
-    candidates = list(q[a >= level])
-    for i in range(len(a) - 1):
-        lo, hi = sorted((a[i], a[i + 1]))
-        if lo < level < hi:
-            w = (level - a[i]) / (a[i + 1] - a[i])
-            candidates.append(q[i] + w * (q[i + 1] - q[i]))
-    if not candidates:
-        return None
-    return float(max(candidates) if better_sign > 0 else min(candidates))

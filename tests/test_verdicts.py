@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from ldm import verdicts as V
+from ldm.claim_items import common_accuracy_level, tradeoff_summary
 
 BASE = [100.0, 104.0, 98.0]
 VAR = [103.0, 108.5, 100.0]  # per-seed differences 3.0, 4.5, 2.0
@@ -138,18 +139,32 @@ def test_combination_rules(items, mode, expected):
     assert V.combine(items, mode)[0] == expected
 
 
-def test_cost_ratio_rule_on_one_training_seed():
-    assert V.cost_ratio_verdict(50.0, 100.0).verdict == "supported"
-    assert V.cost_ratio_verdict(95.0, 100.0).verdict == "inconclusive"
-    contradicted = V.cost_ratio_verdict(167.0, 100.0)
-    assert contradicted.verdict == "contradicted" and contradicted.extra["ratio"] == pytest.approx(1.67)
+def test_censored_costs_decide_only_when_the_bounds_separate():
+    # one seed per side: the bounds alone. Baseline cost in (10, 20], variant in (30, 40]: advantage in [10, 30]
+    one = V.censored_cost_verdict({0: (10.0, 20.0)}, {0: (30.0, 40.0)})
+    assert one.verdict == "supported" and one.extra["bounds"] == (10.0, 30.0) and "1 training seed" in one.extra["basis"]
+    assert V.censored_cost_verdict({0: (30.0, 40.0)}, {0: (10.0, 20.0)}).verdict == "contradicted"
+    overlap = V.censored_cost_verdict({0: (10.0, 35.0)}, {0: (30.0, 40.0)})  # advantage in [-5, 30]
+    assert overlap.verdict == "inconclusive" and "snapshots" in overlap.needed
+    # never reached: upper bound infinite, so the variant can still be shown dearer, never the baseline
+    assert V.censored_cost_verdict({0: (10.0, 20.0)}, {0: (25.0, math.inf)}).verdict == "supported"
+    unreached = V.censored_cost_verdict({0: (25.0, math.inf)}, {0: (10.0, 20.0)})  # already dearer when it stopped
+    assert unreached.verdict == "contradicted" and unreached.extra["bounds"] == (-math.inf, -5.0)
+    # several seeds: each end is scipy's paired t interval of the worst-case differences
+    base, var = {0: (10.0, 20.0), 1: (12.0, 22.0), 2: (10.0, 21.0)}, {0: (40.0, 50.0), 1: (45.0, 55.0), 2: (41.0, 49.0)}
+    result = V.censored_cost_verdict(base, var)
+    low = stats.ttest_rel([40.0, 45.0, 41.0], [20.0, 22.0, 21.0]).confidence_interval(0.95).low
+    high = stats.ttest_rel([50.0, 55.0, 49.0], [10.0, 12.0, 10.0]).confidence_interval(0.95).high
+    assert result.verdict == "supported" and result.extra["bounds"] == pytest.approx((low, high))
+    assert V.censored_cost_verdict({s: (c, c) for s, c in enumerate([10.0, 10.0])},
+                                   {s: (c, c) for s, c in enumerate([10.0, 10.0])}).verdict == "inconclusive"
 
 
 def test_tradeoff_summary_interpolates_along_the_sweep():
     fd, acc = [100.0, 80.0, 90.0, 120.0], [0.2, 0.5, 0.7, 0.9]
     # at acc >= 0.6: points 90 (0.7), 120 (0.9) and the crossing between (80, 0.5) and (90, 0.7): 85
-    assert V.tradeoff_summary(fd, acc, 0.6) == pytest.approx(85.0)
-    assert V.tradeoff_summary(fd, acc, 0.5) == pytest.approx(80.0)
-    assert V.tradeoff_summary(fd, acc, 0.95) is None
-    assert V.tradeoff_summary([0.1, 0.3], [0.5, 0.9], 0.7, better_sign=+1) == pytest.approx(0.3)
-    assert V.common_accuracy_level([(fd, acc), ([1.0, 2.0], [0.3, 0.6])]) == 0.6
+    assert tradeoff_summary(fd, acc, 0.6) == pytest.approx(85.0)
+    assert tradeoff_summary(fd, acc, 0.5) == pytest.approx(80.0)
+    assert tradeoff_summary(fd, acc, 0.95) is None
+    assert tradeoff_summary([0.1, 0.3], [0.5, 0.9], 0.7, better_sign=+1) == pytest.approx(0.3)
+    assert common_accuracy_level([(fd, acc), ([1.0, 2.0], [0.3, 0.6])]) == 0.6
