@@ -13,7 +13,7 @@ import numpy as np
 from . import verdicts as V
 from .efficiency import efficiency_costs, per_seed_costs
 from .metrics import registry
-from .seed_groups import as_group, compare, train_seed
+from .seed_groups import as_group, compare, instrument_mismatch, train_seed
 
 ACCURACY = "cond_accuracy"  # the accuracy axis of a trade-off item
 #: own papers' ImageNet-256 FID order, best first (MDT-v2 1.58, DiT-XL/2 2.27, LDM-4 3.60; ldm.models)
@@ -82,8 +82,9 @@ def metric_item(item: dict, by_ref: dict, default_margin: float, config: dict | 
         return V.Verdict("not tested", reason=refused), f"{head} → **not tested** ({refused})"
     c = compare(by_ref.get(item["baseline"]), by_ref.get(item["variant"]), metric, item.get("margin"), default_margin)
     if c["delta"] is None:
-        return c["result"], f"{head}: no data → not tested"
-    return c["result"], f"{head}: {advantage_text(c['result'], registry.better_sign(metric))}{verdict_tail(c['result'])}"
+        return c["result"], f"{head} → **not tested** ({c['reason']})"
+    result = c["result"]
+    return result, f"{head}: {advantage_text(result, registry.better_sign(metric))}{verdict_tail(result)}"
 
 
 def compute_item(item: dict, study: dict, by_ref: dict, by_run: dict | None, config: dict | None,
@@ -98,6 +99,9 @@ def compute_item(item: dict, study: dict, by_ref: dict, by_run: dict | None, con
         efficiency = (efficiency_costs({"runs": [base, var], "metric": metric}, by_ref, by_run, config)
                       if by_run is not None and config is not None else None)
     label = "compute" + (" (derived from study.efficiency)" if derived else "")
+    mismatch = instrument_mismatch([by_ref.get(base), by_ref.get(var)], metric)
+    if mismatch:
+        return V.Verdict("not tested", reason=mismatch), f"{label}: the runs were {mismatch} → **not tested**"
     if not efficiency or efficiency[0] is None:
         return V.Verdict("not tested", reason="no efficiency costs"), f"{label}: no efficiency costs → not tested"
     cb, cv = per_seed_costs(efficiency, base), per_seed_costs(efficiency, var)
@@ -196,7 +200,8 @@ def ranking_item(study: dict, by_ref: dict, default_margin: float, config: dict 
     head = (f"own papers' order (ImageNet-256 FID, best first): {' < '.join(ordered)}; each pair on {metric} "
             f"at {stage}")
     if len(pairs) == 0:
-        return V.Verdict("not tested", reason="fewer than 2 architectures with published numbers"), f"{head} → not tested"
+        why = "fewer than 2 architectures with published numbers"
+        return V.Verdict("not tested", reason=why), f"{head} → not tested ({why})"
     results = [metric_item({"baseline": f"{a}/{stage}", "variant": f"{b}/{stage}", "metric": metric}, by_ref,
                            default_margin, config) for a, b in pairs]
     verdicts = [r.verdict for r, _ in results]

@@ -48,7 +48,8 @@ def claim_items(number: str, study: dict) -> list[tuple[dict, bool]]:
 DECIDED = ("supported", "contradicted", "equivalent")
 
 
-def judge_item(item: dict, derived: bool, study: dict, by_ref: dict, efficiency, by_run, config) -> tuple[V.Verdict, str]:
+def judge_item(item: dict, derived: bool, study: dict, by_ref: dict, efficiency, by_run,
+               config) -> tuple[V.Verdict, str]:
     margin = float(study.get("equivalence_margin", V.DEFAULT_MARGIN))
     kind = item.get("kind", "metric")
     if kind == "compute":
@@ -163,20 +164,29 @@ def draws_section(study: dict, records: list[dict], config: dict | None = None) 
         by_ref, by_run = group_records(recs), {r["run_id"]: r for r in recs}
         efficiency = efficiency_costs(study["efficiency"], by_ref, by_run, config) if "efficiency" in study else None
         columns.append({row[0]: row[2].split(";")[0] for row in claim_rows(study, by_ref, efficiency, by_run, config)})
-    rows, changed, both = [], [], 0
+    rows, reversed_, one_only, both = [], [], [], 0
     for number in CLAIMS:
         per_draw = [c[number] for c in columns[:-1]]
         tested = [v for v in per_draw if not v.startswith("not tested")]
-        if len(tested) > 1:
+        if len(tested) < 2:
+            change = "n/a (tested in one draw)"
+        else:
             both += 1
-            if len(set(tested)) > 1:
-                changed.append(number)
-        rows.append([number, *per_draw, columns[-1][number],
-                     "n/a (tested in one draw)" if len(tested) < 2 else ("changed" if number in changed else "same")])
+            decided = {v for v in tested if is_decided(v)}
+            if len(decided) > 1:
+                change = "reversed"
+                reversed_.append(number)
+            elif decided and len(set(tested)) > 1:
+                change = "decided in one draw only"
+                one_only.append(number)
+            else:
+                change = "same"
+        rows.append([number, *per_draw, columns[-1][number], change])
     names = [f"training seeds {', '.join(map(str, d))}" for d in draws]
-    head = (f"The claims decided again on each draw of training seeds alone: **{len(changed)} of {both} verdicts "
-            f"tested in every draw change** ({', '.join(changed) or 'none'}). The last verdict column pools every "
-            "seed (the table above).\n\n")
+    head = (f"The claims decided again on each draw of training seeds alone. Of {both} claims tested in every draw, "
+            f"**{len(reversed_)} reversed** (decided in two draws, differently: {', '.join(reversed_) or 'none'}) and "
+            f"{len(one_only)} decided in one draw only ({', '.join(one_only) or 'none'}: a draw of fewer seeds has "
+            "less power, not a contrary result). The last verdict column pools every seed (the table above).\n\n")
     return head + markdown_table(["#", *names, "all seeds", "between draws"], rows)
 
 

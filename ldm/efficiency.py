@@ -61,7 +61,8 @@ def efficiency_costs(spec: dict, by_ref: dict, by_run: dict, config: dict) -> tu
         for rec in group:
             step = first_reach(rec, metric, level)
             before = cost(rec, step_before(rec, metric, step))[1]
-            out[ref][train_seed(rec)] = (step, *cost(rec, step), before) if step is not None else (None, None, None, before)
+            reached = (step, *cost(rec, step)) if step is not None else (None, None, None)
+            out[ref][train_seed(rec)] = (*reached, before)
     return level, out
 
 

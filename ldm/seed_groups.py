@@ -76,6 +76,25 @@ def format_stat(stat: tuple[float, float, int] | None, digits: int = 3) -> str:
 
 
 # -------------------------------------------------------------------------------------------- comparing
+#: metrics read through the offline evaluator: their values depend on its weights, so they compare only
+#: between records scored by the same evaluator (`evaluator_weights_sha256`)
+EVALUATOR_NEEDS = frozenset({registry.Need.FEATURES, registry.Need.PREDICTIONS, registry.Need.REFERENCE_STATS,
+                             registry.Need.REAL_FEATURES, registry.Need.CAPTION_TOWER})
+
+
+def instrument_mismatch(groups: list, metric: str) -> str | None:
+    """Why `metric` cannot compare these groups' records (None: it can): they were scored by different
+    evaluator weights (a retrained evaluator is another instrument)."""
+    if not registry.metric(metric).needs & EVALUATOR_NEEDS:
+        return None
+    weights = {r.get("evaluator_weights_sha256") for g in groups for r in (as_group(g) or [])
+               if metric in r.get("metrics", {})} - {None}
+    if len(weights) < 2:
+        return None
+    return (f"scored by {len(weights)} different evaluator weights ({', '.join(sorted(w[:8] for w in weights))}): "
+            f"{metric} values are not comparable")
+
+
 def compare(baseline, variant, metric: str, margin: dict | None = None,
             default_margin: float = V.DEFAULT_MARGIN) -> dict:
     """Variant minus baseline over training seeds (records or groups of records), its interval and the
@@ -83,10 +102,12 @@ def compare(baseline, variant, metric: str, margin: dict | None = None,
     seeds), delta, se, lo, hi, basis, margin, reason, needed, result (the `ldm.verdicts.Verdict`)."""
     sign = registry.better_sign(metric)  # unknown metric names raise before anything else
     b, v = metric_side(baseline, metric), metric_side(variant, metric)
-    if b is None or v is None:
+    mismatch = instrument_mismatch([baseline, variant], metric)
+    if b is None or v is None or mismatch:
+        why = mismatch or "a side has no data"
         return {"verdict": "not tested", "label": "not tested", "delta": None, "se": None, "lo": None, "hi": None,
-                "basis": "", "margin": None, "reason": "a side has no data", "needed": None,
-                "result": V.judge(None, sign, None)}
+                "basis": "", "margin": None, "reason": why, "needed": None,
+                "result": V.Verdict("not tested", reason=why)}
     interval = V.difference_interval(b, v)
     value, text = V.resolve_margin(margin, default_margin, b.mean)
     result = V.judge(interval, sign, value)
@@ -98,7 +119,7 @@ def compare(baseline, variant, metric: str, margin: dict | None = None,
 def format_delta(c: dict, digits: int = 3) -> str:
     """Δ [95% interval]; † marks an interval from sampling seeds only (a run trained once)."""
     if c["delta"] is None:
-        return "n/a"
+        return "n/a (different evaluator weights)" if "evaluator weights" in c["reason"] else "n/a"
     if c["lo"] is None:
         return f"{c['delta']:+.{digits}f} (no noise estimate)"
     mark = "" if c["result"].interval.training else "†"

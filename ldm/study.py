@@ -19,8 +19,8 @@ from .claims import claims_section, draws_section, method_paragraph
 from .efficiency import efficiency_costs, efficiency_section
 from .provenance import atomic_write_bytes
 from .variance_components import variance_section
-from .seed_groups import (compare, format_delta, format_stat, group_records, group_stat, markdown_table, metric_names,
-                          run_group, train_seed)
+from .seed_groups import (compare, format_delta, format_stat, group_records, group_stat, instrument_mismatch,
+                          markdown_table, metric_names, run_group, train_seed)
 
 
 
@@ -116,7 +116,11 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
     # computed once: the efficiency table and claim 6's compute evidence both read it
     efficiency = efficiency_costs(study["efficiency"], by_ref, by_run, config) if "efficiency" in study else None
     if efficiency is not None:
-        parts += ["## Training efficiency", "", efficiency_section(study["efficiency"]["metric"], efficiency), ""]
+        spec = study["efficiency"]
+        mismatch = instrument_mismatch([by_ref.get(ref) for ref in spec["runs"]], spec["metric"])
+        table = f"(not comparable: these runs were {mismatch})" if mismatch else efficiency_section(spec["metric"],
+                                                                                                   efficiency)
+        parts += ["## Training efficiency", "", table, ""]
     plots = [("metric vs. training step, every run", "plots/curves.png"),
              ("training loss and gradient norm vs. step", "plots/loss.png"),
              ("guidance sweeps", "plots/guidance.png"),

@@ -8,7 +8,8 @@ sampling; if training noise dominates, only more training seeds do. "The FID Lot
 measured retraining moving FID 3.2x more than resampling on SiT; this section measures the same ratio here.
 
 Estimator (one-way random effects, method of moments, pooled over run groups with the same number of
-sampling seeds k >= 2 and training seeds n >= 2): within = mean over groups of the within-seed variance
+sampling seeds k >= 2 and training seeds n >= 2, one evaluator per group): within = mean over groups of the
+within-seed variance
 (ddof 1) of one sampling seed's value; between = mean over groups of the variance (ddof 1) of the seed
 means; training variance = max(0, between - within / k) (a negative estimate means the seed means vary
 no more than their sampling noise explains, i.e. no detectable training noise).
@@ -19,7 +20,7 @@ import math
 
 import numpy as np
 
-from .seed_groups import as_group, markdown_table
+from .seed_groups import as_group, instrument_mismatch, markdown_table
 
 
 def components(records_by_group: dict, metric: str) -> dict | None:
@@ -28,7 +29,7 @@ def components(records_by_group: dict, metric: str) -> dict | None:
     for group in records_by_group.values():
         group = as_group(group) or []
         values = [r["metrics"][metric]["per_seed"] for r in group if metric in r.get("metrics", {})]
-        if len(values) < 2 or len({len(v) for v in values}) != 1:
+        if len(values) < 2 or len({len(v) for v in values}) != 1 or instrument_mismatch([group], metric):
             continue
         k = len(values[0])
         means = [float(np.mean(v)) for v in values]

@@ -338,7 +338,8 @@ def censored_cost_verdict(baseline: dict, variant: dict, level: float = LEVEL) -
         f"censoring-aware t over {len(baseline)} + {len(variant)} training seeds")
     extra = {"bounds": (lo, hi), "basis": basis}
     if lo > 0:
-        return Verdict("supported", reason="even at the censoring's worst case the baseline needs fewer FLOPs", extra=extra)
+        return Verdict("supported", reason="even at the censoring's worst case the baseline needs fewer FLOPs",
+                       extra=extra)
     if hi < 0:
         return Verdict("contradicted", reason="even at the censoring's best case the baseline needs more FLOPs",
                        extra=extra)

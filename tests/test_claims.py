@@ -119,6 +119,30 @@ def test_each_draw_of_training_seeds_is_decided_alone():
              "claims": {"3": [{"baseline": "improved/pretrain", "variant": "improved_additive/pretrain",
                                "metric": "val_loss"}]}}
     text = draws_section(study, base + var, config)
-    assert "**1 of 1 verdicts tested in every draw change** (3)" in text
-    assert "| 3 | supported | contradicted | inconclusive | changed |" in text
+    assert "Of 1 claims tested in every draw, **1 reversed** (decided in two draws, differently: 3)" in text
+    assert "| 3 | supported | contradicted | inconclusive | reversed |" in text
     assert "| 1 | not tested at this scale | not tested at this scale |" in text
+    # the second draw too noisy to decide: not a reversal
+    var[4]["metrics"]["val_loss"]["mean"] = 0.40
+    text = draws_section(study, base + var, config)
+    assert "**0 reversed**" in text and "1 decided in one draw only (3:" in text
+    assert "| 3 | supported | inconclusive |" in text and "| decided in one draw only |" in text
+
+
+def test_evaluator_metrics_compare_only_records_of_one_evaluator():
+    from ldm.claim_items import metric_item
+
+    base = seed_records("improved", "transfer", [100.0, 110.0, 105.0], "fd_evaluator")
+    var = seed_records("improved", "scratch", [200.0, 210.0, 205.0], "fd_evaluator")
+    for rec in base + var:
+        rec["evaluator_weights_sha256"] = "a" * 64
+    item = {"baseline": "improved/transfer", "variant": "improved/scratch", "metric": "fd_evaluator"}
+    assert metric_item(item, group_records(base + var), 0.02)[0].verdict == "supported"
+    var[1]["evaluator_weights_sha256"] = "b" * 64  # one record scored by a retrained evaluator
+    result, text = metric_item(item, group_records(base + var), 0.02)
+    assert result.verdict == "not tested" and "2 different evaluator weights (aaaaaaaa, bbbbbbbb)" in text
+    # val_loss does not go through the evaluator: still compared
+    for rec in base + var:
+        fd = rec["metrics"]["fd_evaluator"]
+        rec["metrics"]["val_loss"] = dict(fd, mean=fd["mean"] / 1000)
+    assert metric_item(dict(item, metric="val_loss"), group_records(base + var), 0.02)[0].verdict == "supported"
