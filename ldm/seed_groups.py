@@ -83,12 +83,18 @@ EVALUATOR_NEEDS = frozenset({registry.Need.FEATURES, registry.Need.PREDICTIONS, 
 
 
 def instrument_mismatch(groups: list, metric: str) -> str | None:
-    """Why `metric` cannot compare these groups' records (None: it can): they were scored by different
-    evaluator weights (a retrained evaluator is another instrument)."""
+    """Why `metric` cannot compare these groups' records (None: it can): their latents came from different
+    autoencoders (`vae_weights_sha256`; a record from before that field counts as one more, unknown one:
+    different autoencoders make different data, so no metric compares the runs), or an evaluator metric was
+    scored by different evaluator weights (a retrained evaluator is another instrument)."""
+    recs = [r for g in groups for r in (as_group(g) or []) if metric in r.get("metrics", {})]
+    vaes = {r.get("vae_weights_sha256") for r in recs}
+    if len(vaes) > 1:
+        names = sorted("unrecorded" if v is None else v[:8] for v in vaes)
+        return f"encoded by {len(vaes)} different autoencoders ({', '.join(names)}): {metric} values are not comparable"
     if not registry.metric(metric).needs & EVALUATOR_NEEDS:
         return None
-    weights = {r.get("evaluator_weights_sha256") for g in groups for r in (as_group(g) or [])
-               if metric in r.get("metrics", {})} - {None}
+    weights = {r.get("evaluator_weights_sha256") for r in recs} - {None}
     if len(weights) < 2:
         return None
     return (f"scored by {len(weights)} different evaluator weights ({', '.join(sorted(w[:8] for w in weights))}): "
@@ -119,7 +125,7 @@ def compare(baseline, variant, metric: str, margin: dict | None = None,
 def format_delta(c: dict, digits: int = 3) -> str:
     """Δ [95% interval]; † marks an interval from sampling seeds only (a run trained once)."""
     if c["delta"] is None:
-        return "n/a (different evaluator weights)" if "evaluator weights" in c["reason"] else "n/a"
+        return "n/a (not comparable: other instruments)" if "not comparable" in c["reason"] else "n/a"
     if c["lo"] is None:
         return f"{c['delta']:+.{digits}f} (no noise estimate)"
     mark = "" if c["result"].interval.training else "†"

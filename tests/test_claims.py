@@ -146,3 +146,19 @@ def test_evaluator_metrics_compare_only_records_of_one_evaluator():
         fd = rec["metrics"]["fd_evaluator"]
         rec["metrics"]["val_loss"] = dict(fd, mean=fd["mean"] / 1000)
     assert metric_item(dict(item, metric="val_loss"), group_records(base + var), 0.02)[0].verdict == "supported"
+
+
+def test_runs_of_different_autoencoders_compare_on_no_metric():
+    from ldm.claim_items import metric_item
+
+    base = seed_records("improved", "transfer", [0.20, 0.21, 0.22])
+    var = seed_records("improved", "scratch", [0.30, 0.31, 0.32])
+    item = {"baseline": "improved/transfer", "variant": "improved/scratch", "metric": "val_loss"}
+    assert metric_item(item, group_records(base + var), 0.02)[0].verdict == "supported"  # neither says: one unknown
+    for rec in var:
+        rec["vae_weights_sha256"] = "c" * 64  # re-encoded: a record that names its autoencoder vs ones that do not
+    result, text = metric_item(item, group_records(base + var), 0.02)
+    assert result.verdict == "not tested" and "2 different autoencoders (cccccccc, unrecorded)" in text
+    for rec in base:
+        rec["vae_weights_sha256"] = "c" * 64
+    assert metric_item(item, group_records(base + var), 0.02)[0].verdict == "supported"

@@ -132,6 +132,7 @@ def test_sample_evaluate_report(scenario):
                 "reference", "protocol", "forward_batch", "image_seeds", "evaluator_weights_sha256"):
         assert record[key] is not None, key
     assert record["guidance"]["interval"] == [0.1, 0.9] and record["sampler"] == "ddim"
+    assert record["vae_weights_sha256"] is None  # this test's latent cache is a stand-in: no autoencoder to name
     assert record["model"]["params"] == sum(p.numel() for p in DiT(**MODEL).parameters())
     assert record["model"]["train_gflops_per_image"] == pytest.approx(3 * record["model"]["fwd_gflops_per_image"])
     assert record["reference"]["sha256"] and record["reference"]["count"] == 40

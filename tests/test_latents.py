@@ -17,7 +17,7 @@ import torch
 from ldm.autoencoder import (MissingWeightsError, load_vae, tiny_vae_config, train_tiny_vae,
                              vae_identity)
 from ldm.errors import CorruptShardError
-from ldm.data.latent_cache import LatentDataset, ShardShuffledLatents, map_safetensors, sample_latents
+from ldm.data.latent_cache import LatentDataset, ShardShuffledLatents, map_safetensors, sample_latents, vae_sha256
 from ldm.stages.encode import encode_latents
 from ldm.text import load_text_encoder, minilm_path, pad_tokens
 
@@ -269,6 +269,10 @@ def test_cache_matches_direct_vae_and_text_calls(cache, images, vae_dir):
     assert m["count"] == 7 and m["num_shards"] == 3 and [s["rows"] for s in m["shards"]] == [3, 3, 1]
     assert m["latent_shape"] == [4, 8, 8] and m["crop"] == "center" and m["classes"] == ["a", "b", "c"]
     assert m["vae"] == vae_identity(str(vae_dir))
+    # what a metrics record names as its autoencoder: the weights file's own sha256
+    assert vae_sha256(cache["a"]) == hashlib.sha256((vae_dir / "diffusion_pytorch_model.safetensors")
+                                                        .read_bytes()).hexdigest()
+    assert vae_sha256(cache["a"] / "nowhere") is None
     vae = load_vae(str(vae_dir))
     assert m["scaling_factor"] == vae.config.scaling_factor and m["shift_factor"] == vae.config.shift_factor
     assert m["text_encoder"] == {"name": "minilm", "dim": 384, "max_length": 32}

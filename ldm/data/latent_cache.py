@@ -54,6 +54,14 @@ def missing_shard_error(dir: Path) -> str | None:
     return None
 
 
+def vae_sha256(dir: Path) -> str | None:
+    """The autoencoder weights a cache's latents were encoded with (None: no cache there, or one that does
+    not say): what a metrics record names so that runs of different autoencoders are never compared."""
+    path = Path(dir) / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    return (manifest.get("vae") or {}).get("weights_sha256")
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -99,6 +107,7 @@ class LatentDataset(torch.utils.data.Dataset):
     @property
     def classes(self) -> list[str]:
         return list(self.manifest.get("classes", []))
+
 
     def __len__(self) -> int:
         return self._offsets[-1]

@@ -1,12 +1,11 @@
 """`ldm evaluate`: metrics of every snapshot of a run, mean ± std over sampling seeds, with provenance.
 
-Metrics are named by protocol (`ldm.metrics.registry`: one entry per metric, with its direction and protocol
-text) so numbers computed differently never share a column. The final
-numbers are those of the last snapshot; the curve holds every snapshot for metric-vs-step plots. Each image
-set goes through the evaluator once (features and predicted classes together). When the samples include a
-guidance sweep, fd_evaluator and cond_accuracy are computed per scale and the scale with the lowest
-fd_evaluator is recorded as `guidance_sweep.chosen_scale`. A metric that cannot be computed here (CLIP not
-available offline) is skipped with a one-line reason, logged and kept under `skipped`.
+Metrics are named by protocol (`ldm.metrics.registry`) so numbers computed differently never share a column.
+The final numbers are the last snapshot's; the curve holds every snapshot. Each image set goes through the
+evaluator once (features and predicted classes together). A guidance sweep is scored per scale, the lowest
+fd_evaluator's scale recorded as `guidance_sweep.chosen_scale`. A metric that cannot be computed here (CLIP
+offline) is skipped with a one-line reason, logged and kept under `skipped`. The record names its instruments
+(evaluator and autoencoder weights) so that REPORT.md never compares numbers measured with different ones.
 
 Reference statistics: `fd_evaluator` always uses the evaluator-feature statistics of the prepared real
 images (`reference-stats`). The Inception protocols `fid_clean` / `fid_legacy_tf` compare with
@@ -15,10 +14,9 @@ Inception statistics of the prepared images that `reference-stats --inception` c
 ones (`Layout.inception_reference`), else (no cache: a run by hand) with statistics of the prepared images
 computed here once. The Inception runs at 299 px (a few images/s per CPU core), so it scores the final snapshot
 only unless `evaluation.inception_snapshots` is `all`, and the first `evaluation.inception_seeds` sampling
-seeds (null: all). The record's `inception` says, per metric, which network, which reference (file and
-sha256), how many real and generated images, and which seeds and steps. Precision / recall compare with at most
-`evaluation.pr_real_images` evenly spaced real images (`ldm.metrics.real_subset`), as the record's
-`precision_recall` says; no stage holds all the decoded real images (`ldm.data.prepared.PreparedImages`).
+seeds (null: all); the record's `inception` says which network, reference, images, seeds and steps. Precision
+/ recall use at most `evaluation.pr_real_images` evenly spaced real images (`ldm.metrics.real_subset`, the
+record's `precision_recall`); no stage holds all the decoded real images (`ldm.data.prepared.PreparedImages`).
 """
 from __future__ import annotations
 
@@ -28,7 +26,7 @@ import numpy as np
 
 from ..checkpoint import load_final
 from ..config import load_scenario
-from ..data.latent_cache import LatentDataset
+from ..data.latent_cache import LatentDataset, vae_sha256
 from ..data.prepared import image_chunks
 from ..data.prepared import open_prepared as load_prepared  # lazy: (PreparedImages, meta); tests swap in arrays
 from ..layout import data_key
@@ -269,6 +267,7 @@ def evaluate_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = 
         "reference": {"file": str(ref_file), "sha256": file_sha256(ref_file), **ref_meta},
         "evaluator_heldout_accuracy": evaluator.config.get("heldout_accuracy"),
         "evaluator_weights_sha256": evaluator.config.get("weights_sha256"),
+        "vae_weights_sha256": vae_sha256(scenario.layout.latents(run.data_key)),
         # the run's final EMA weights, as `ldm artifacts` shares them (a run evaluated by hand may have none)
         "weights_sha256": file_sha256(final) if (final := layout.run(run_id).final).is_file() else None,
         "chance_accuracy": 1.0 / len(index["classes"]) if index["classes"] else None,
@@ -398,3 +397,4 @@ def run(args) -> None:
     with Ranks.from_env() as ranks:
         out = evaluate_run(scenario, scenario.run(args.run), ranks=ranks)
     print(f"metrics: {out}" if ranks.main else f"rank {ranks.rank}/{ranks.world}: shares scored")
+
