@@ -15,7 +15,7 @@ from __future__ import annotations
 from . import verdicts as V
 from .claim_items import compute_item, metric_item, ranking_item, tradeoff_item
 from .efficiency import efficiency_costs
-from .seed_groups import group_records, group_stat, markdown_table, train_seed
+from .seed_groups import group_records, group_stat, instrument_mismatch, markdown_table, train_seed
 
 #: PAPER.md, "Claims a small-scale run can test" (abbreviated).
 CLAIMS = {
@@ -131,7 +131,8 @@ def claim_rows(study: dict, by_ref: dict, efficiency=None, by_run: dict | None =
             result, evidence = ranking_item(study, by_ref, margin, config)
             ours = " < ".join(r for r, _ in arch_ranking(study, by_ref) or [])
             verdict = "not tested at this scale" if result.verdict == "not tested" else result.verdict
-            rows.append([number, text, verdict, f"{evidence}. fd_evaluator ranking here (best first): {ours or 'n/a'}"])
+            rows.append([number, text, verdict, f"{evidence}. fd_evaluator ranking here (best first; runs of other "
+                                                f"instruments left out): {ours or 'n/a'}"])
         elif not study.get("claims", {}).get(number):
             rows.append([number, text, "not tested at this scale", "no run pair in this grid"])
         else:
@@ -197,6 +198,10 @@ def arch_ranking(study: dict, by_ref: dict) -> list[tuple[str, float]] | None:
     stage = spec["stages"][-1]
     scored = [(r, group_stat(by_ref.get(f"{r}/{stage}"), "fd_evaluator")) for r in spec["recipes"]]
     scored = [(r, s[0]) for r, s in scored if s is not None]
+    # only runs measured with the first one's instruments (autoencoder, evaluator) rank together
+    first = by_ref.get(f"{scored[0][0]}/{stage}") if scored else None
+    scored = [(r, v) for r, v in scored
+              if not instrument_mismatch([first, by_ref.get(f"{r}/{stage}")], "fd_evaluator")]
     return sorted(scored, key=lambda x: x[1]) or None
 
 

@@ -103,9 +103,16 @@ def write_study_report(config: dict, records: list[dict], results: Path) -> Path
         "",
     ]
     if "architectures" in study:
+        stage = study["architectures"]["stages"][-1]
+        groups = [by_ref.get(f"{r}/{stage}") for r in study["architectures"]["recipes"]]
+        apart = [r for r, g in zip(study["architectures"]["recipes"], groups)
+                 if instrument_mismatch([groups[0], g], "fd_evaluator")]
         parts += ["## Architectures (the paper's Table 1 layout)", "",
-                  architecture_section(study, by_ref, metrics, config), "",
-                  "The last column is each architecture's own published number at paper scale, for orientation "
+                  architecture_section(study, by_ref, metrics, config), ""]
+        if apart:
+            parts += [f"Not comparable with the first row (other autoencoder or evaluator weights, see "
+                      f"`metrics/<run>.json`): {', '.join(apart)}.", ""]
+        parts += ["The last column is each architecture's own published number at paper scale, for orientation "
                   "only: it is not comparable to the toy-scale values beside it.", ""]
     if study.get("ablations"):
         parts += ["## Ablations", "",

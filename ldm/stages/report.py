@@ -334,7 +334,7 @@ def build_report(config: dict) -> dict:
     atomic_write_bytes(per_seed, runs_per_seed_table(records).to_csv(index=False).encode())
     transfer = transfer_table(config, records)
     write_table(transfer, layout.table("transfer_vs_scratch"),
-                "Low-res pre-training + transfer vs. from scratch at equal high-res steps")
+                "Low-res pre-training + transfer vs. from scratch (each stage's steps in its columns)")
     plot_curves(records, layout.plot("curves.png"))
     plot_training_logs(config, records, layout.plot("loss.png"), layout.plot("loss.csv"))
     if plot_guidance_sweeps(records, layout.plot("guidance.png")):
