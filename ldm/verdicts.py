@@ -34,7 +34,8 @@ Verdict (`judge`), with a margin fixed in the config before the runs (`margin`):
 4. otherwise *inconclusive*, with the number of training seeds per run that would resolve it at the
    observed variance and delta (`seeds_needed`), "more than 50" where that is absurd.
 
-Claim items combine into one claim verdict (`combine`), see its docstring.
+Compute items (`censored_cost_verdict`): a cost known only between two snapshots. Parts of a claim combine
+into one verdict (`combine`, called by `ldm.claims`), see its docstring.
 """
 from __future__ import annotations
 
