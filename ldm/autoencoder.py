@@ -84,7 +84,24 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def _as_list(images) -> list[np.ndarray]:
+class _UnitRows:
+    """Rows lo..hi of a uint8 image array or reader (`ldm.data.prepared.PreparedImages`) as float32 [-1, 1]
+    N x 3 x H x W, converted only when indexed: training holds one batch, not the dataset (the values are
+    those of converting everything first, so the weights do not change)."""
+
+    def __init__(self, images, lo: int, hi: int):
+        self.images, self.lo, self.hi = images, lo, hi
+        self.shape = (hi - lo, 3, *images.shape[1:3])
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows = (np.arange(*key.indices(len(self))) if isinstance(key, slice) else np.asarray(key)) + self.lo
+        return _to_unit(self.images[rows])
+
+
+def _as_list(images) -> list:
     arrays = [images] if isinstance(images, np.ndarray) else list(images)
     for a in arrays:
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or len(a) == 0:
@@ -135,7 +152,8 @@ def train_tiny_vae(
     discriminator doubles the CPU cost, and on flat-colour synthetic shapes MSE alone already gives
     sharp edges. The KL weight only keeps the latent scale bounded.
 
-    `images`: one uint8 N x H x W x 3 array or a list of them (e.g. 32 px and 64 px). The last `holdout`
+    `images`: one uint8 N x H x W x 3 array or a list of arrays or readers such as `PreparedImages` (e.g. 32 px
+    and 64 px; only the batches drawn are decoded, so memory does not grow with N). The last `holdout`
     fraction of each array (at least one image when it has two) is held out for the returned PSNR.
     Steps cycle through the arrays; each batch is a random `train_crop` crop (the model is fully
     convolutional). Deterministic from `seed`: one generator drives initialisation, batches, crops and
@@ -152,9 +170,9 @@ def train_tiny_vae(
     for a in arrays:
         k = int(round(len(a) * holdout))
         k = min(max(k, 1 if len(a) >= 2 else 0), len(a) - 1)
-        train.append(_to_unit(a[:len(a) - k]))
+        train.append(_UnitRows(a, 0, len(a) - k))
         if k:
-            held.append(_to_unit(a[len(a) - k:]))
+            held.append(_UnitRows(a, len(a) - k, len(a)))
     cfg = dict(tiny_vae_config() if config is None else config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

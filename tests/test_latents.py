@@ -100,6 +100,18 @@ def cache(tmp_path_factory, images, vae_dir) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ VAE
+def test_tiny_vae_trained_from_a_prepared_reader_is_the_one_trained_from_decoded_arrays(tmp_path, cache):
+    """train-vae reads `PreparedImages` (only the batches drawn are decoded): the weights are bit-identical."""
+    from ldm.data.prepared import load_prepared, open_prepared
+
+    kw = dict(steps=3, batch_size=4, lr=1e-3, seed=0, config=tiny_vae_config(**SMALL))
+    decoded = load_prepared(cache["root"] / "prepared")[0]
+    train_tiny_vae([decoded], tmp_path / "arrays", **kw)
+    train_tiny_vae([open_prepared(cache["root"] / "prepared")[0]], tmp_path / "reader", **kw)
+    w = "diffusion_pytorch_model.safetensors"
+    assert sha(tmp_path / "arrays" / w) == sha(tmp_path / "reader" / w)
+
+
 def test_train_tiny_vae_is_deterministic_and_writes_factors(tmp_path, vae_dir):
     imgs = [shapes(7, 32, seed=1), shapes(3, 16, seed=2)]
     kw = dict(steps=2, batch_size=4, lr=1e-3, config=tiny_vae_config(**SMALL))
