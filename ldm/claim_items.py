@@ -42,14 +42,11 @@ def verdict_tail(result: V.Verdict) -> str:
 
 
 # ------------------------------------------------------------------------------------ val_loss validity
-def val_loss_key(config: dict, ref: str) -> tuple | None:
+def val_loss_key(scenario, ref: str) -> tuple | None:
     """What makes two runs' val_loss comparable (ldm/metrics/val_loss.py): objective, beta schedule, variance
     head, noise-schedule shift and resolution. The shift counts for flow runs too: flow times are noise levels,
     but a shifted run trains on another time distribution, and the uniform grid favours the unshifted one."""
-    from .spec import Scenario  # the grid expansion; imported here only, the statistics need no config
-
     recipe, stage = ref.split("/")
-    scenario = Scenario(config)
     run = next((r for r in scenario.runs.values() if r.recipe == recipe and r.stage == stage), None)
     if run is None:
         return None
@@ -58,16 +55,21 @@ def val_loss_key(config: dict, ref: str) -> tuple | None:
             scenario.schedule_shift(run), run.resolution)
 
 
+VAL_LOSS_KEY_NAMES = ("objective", "beta schedule", "learned sigma", "schedule shift", "resolution")
+
+
 def val_loss_refusal(config: dict | None, refs: list[str]) -> str | None:
     """Why val_loss cannot compare these runs (None: it can, or no config to tell)."""
     if config is None:
         return None
-    keys = {ref: val_loss_key(config, ref) for ref in refs}
-    if len(set(keys.values())) <= 1:
+    from .spec import Scenario  # the grid expansion; imported here only, the statistics need no config
+
+    scenario = Scenario(config)
+    keys = {val_loss_key(scenario, ref) for ref in refs}
+    if len(keys) <= 1:
         return None
-    names = ("objective", "beta schedule", "learned sigma", "schedule shift", "resolution")
-    first = next(iter(keys.values()))
-    differ = [n for i, n in enumerate(names) if len({k[i] for k in keys.values() if k}) > 1] if first else []
+    known = [k for k in keys if k is not None]
+    differ = [n for i, n in enumerate(VAL_LOSS_KEY_NAMES) if len({k[i] for k in known}) > 1]
     return ("val_loss compares runs of one objective, schedule and training time distribution only; these differ "
             f"in {', '.join(differ) or 'their grid'}")
 

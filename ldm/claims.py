@@ -107,7 +107,7 @@ def evaluate_claim(number: str, study: dict, by_ref: dict, efficiency=None, by_r
             evaluated.append((result, (f"*{name}*, " if name else "") + f"{role}: {text}"))
     verdict, rule = combine_parts(part_verdicts, "any" if number in ANY_OF else "all")
     short = {V.SAMPLING_ONLY: "sampling noise only", V.NO_NOISE: "no noise estimate"}
-    deciding = [judged[k][0] for k, (item, _) in enumerate(items)]
+    deciding = [r for r, _ in judged]
     bases = sorted({short[r.basis] for r in deciding if r.verdict in DECIDED and r.interval is not None
                     and not r.interval.training}
                    | {"cost bounds only" for r in deciding if r.verdict in DECIDED and "1 training seed" in
