@@ -252,15 +252,18 @@ def launcher(resources: dict, python: str) -> str:
     """How a job (train, sample, evaluate) starts its processes: one process, torchrun on one node, or srun + torchrun.
 
     Multi-node: srun starts one torchrun per node; the rendezvous host is the job's first node (expanded
-    in the batch script before srun runs)."""
+    in the job's shell before srun runs). torchrun is started as `ldm.torchrun`, which does not take the job's
+    `--run` for an abbreviation of its own `--run-path`."""
     gpus, nodes = int(resources.get("gpus", 0)), int(resources.get("nodes", 1))
     if nodes > 1:
-        head = "$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)"
+        # the node list from the job id: the SLURM executor runs the job's command with SLURM_* variables removed
+        # (SLURM_JOB_ID kept), so $SLURM_JOB_NODELIST is empty there
+        head = "$(scontrol show hostnames \"$(squeue -h -j \"$SLURM_JOB_ID\" -o %N)\" | head -n 1)"
         # --kill-on-bad-exit: a node whose torchrun fails takes the others down (not left waiting at a barrier)
-        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {python} -m torch.distributed.run --nnodes {nodes}"
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {python} -m ldm.torchrun --nnodes {nodes}"
                 f" --nproc_per_node {max(gpus, 1)} --rdzv_backend c10d --rdzv_endpoint {head}:29500")
     if gpus > 1:
-        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+        return f"{python} -m ldm.torchrun --standalone --nproc_per_node {gpus}"
     return python
 
 

@@ -120,9 +120,22 @@ def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     res = job_resources(config, "train", "transfer")
     assert (res["gpus"], res["runtime"], res["mem_mb"]) == (8, 600, 1000)
     assert job_resources(config, "train", "pretrain")["gpus"] == 1
-    assert launcher(res, "py") == "py -m torch.distributed.run --standalone --nproc_per_node 8"
+    assert launcher(res, "py") == "py -m ldm.torchrun --standalone --nproc_per_node 8"
     assert launcher({"gpus": 1}, "py") == "py"
-    assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 py -m torch.distributed.run --nnodes 2")
+    assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 py -m ldm.torchrun --nnodes 2")
+
+
+def test_the_launchers_torchrun_passes_the_jobs_own_options_to_the_workers():
+    """`--run` is an abbreviation of torchrun's `--run-path`: torchrun itself refuses the rules' command line."""
+    import torch.distributed.run
+    from ldm.torchrun import parse_args
+
+    job = ["-m", "ldm.cli", "train", "--config", "c.json", "--run", "dit.synthetic.pretrain.16", "--threads", "1"]
+    args = parse_args(["--standalone", "--nproc_per_node", "2", *job])
+    assert (args.module, args.training_script, args.nproc_per_node) == (True, "ldm.cli", "2")
+    assert args.training_script_args == job[2:]
+    with pytest.raises(SystemExit):
+        torch.distributed.run.parse_args(["--standalone", "--nproc_per_node", "2", *job])
 
 
 def _job_counts(stdout: str) -> dict:

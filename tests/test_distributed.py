@@ -7,11 +7,14 @@ then DDP's (g0 + g1) / 2, instead of one mean): the weights agree to float round
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+from ldm.config import launcher
 from test_train import cache_config, with_steps  # noqa: F401 - the module's latent-cache fixture
 
 from test_train import run_dir, train_run  # noqa: E402 - the config-dict adapters
@@ -42,13 +45,10 @@ def test_two_processes_accumulating_match_one_with_the_same_global_batch(cache_c
     config_path = tmp_path / "two.json"
     config_path.write_text(json.dumps(two))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # `ldm train` through a two-line driver: torchrun's own parser would take `--run` for its `--run-path`
-    driver = tmp_path / "driver.py"
-    driver.write_text("import sys\nfrom ldm.cli import main\n"
-                      "sys.exit(main(['train', '--config', sys.argv[1], '--run', sys.argv[2]]))\n")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), str(config_path), RUN],
-                          capture_output=True, text=True, env=env, timeout=240, check=False)
+    # the train rule's own command line: its launcher for a 2-process stage, then `-m ldm.cli train ... --run RUN`
+    # (plain torchrun would take `--run` for an abbreviation of its `--run-path` and start nothing)
+    command = f"{launcher({'gpus': 2}, shlex.quote(sys.executable))} -m ldm.cli train --config {config_path} --run {RUN}"
+    proc = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, timeout=240, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     records = [json.loads(line) for line in (run_dir(two, RUN) / "log.jsonl").read_text().splitlines()]
