@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .provenance import atomic_replace_dir, atomic_write_bytes, atomic_write_json, digest, file_sha256
+from .provenance import atomic_replace_dir, atomic_write_bytes, atomic_write_json, digest, file_sha256, save_tensors
 
 #: `training` keys that decide when snapshots are written and kept and how many non-finite steps are
 #: tolerated, never which weights come out: outside the resume key, so changing them resumes the run.
@@ -120,11 +120,12 @@ def save_snapshot(directory: Path, step: int, model_state: dict, ema, optimizer_
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     meta = {"model_config": json.dumps(model_config), "step": str(step)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"), meta)
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"), meta)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
+                 meta)
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"), meta)
     opt_tensors, opt_extra = _flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file({f"rng.{k}": g.get_state() for k, g in generators.items()}, str(tmp / "rng.safetensors"))
+    save_tensors(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors({f"rng.{k}": g.get_state() for k, g in generators.items()}, str(tmp / "rng.safetensors"))
     files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "state.json"}
     atomic_write_json(tmp / "state.json", {"step": step, "data": data_state, "optimizer": opt_extra,
                                           "model_config": model_config, "resume_key": resume_key,
@@ -322,6 +323,6 @@ def export_final(snapshot: Path, final: Path, model_config: dict, run_id: str, s
     """The run's deliverable: the EMA weights of `snapshot`, with the model config in the metadata."""
     ema = load_file(str(snapshot / "ema.safetensors"))
     tmp = final.with_name(final.name + ".tmp")
-    save_file(ema, str(tmp), {"model_config": json.dumps(model_config), "run_id": run_id, "step": str(steps),
+    save_tensors(ema, str(tmp), {"model_config": json.dumps(model_config), "run_id": run_id, "step": str(steps),
                               "run_hash": run_hash})
     tmp.replace(final)

@@ -37,6 +37,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with the same bytes for the same tensors and metadata in every process.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from process to process: the same
+    weights then hash differently (records' `weights_sha256`, DVC, two runs compared byte for byte). The header
+    is rewritten with the metadata keys sorted; the tensors' entries and data stay as safetensors wrote them."""
+    from safetensors.torch import save_file
+
+    path = str(path)
+    save_file(tensors, path, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (size - len(text))  # the same JSON reordered: never longer than the padded original
+        if len(text) != size:
+            raise RuntimeError(f"{path}: the reordered safetensors header is {len(text)} bytes, not {size}")
+        handle.seek(8)
+        handle.write(text)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .layout import SAMPLES_INDEX as INDEX
+from .provenance import save_tensors
 
 
 def save_set(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     """Write one sample set atomically (a killed job leaves no half-written shard)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
 
 
