@@ -55,7 +55,12 @@ def slurm_resources(rule, run=None):
     the SLURM executor maps them to sbatch options, a local `--cores` run only uses them for scheduling."""
     res = job_resources(CFG, rule, RUNS[run].stage if run is not None else None)
     out = {"runtime": res["runtime"], "mem_mb": res["mem_mb"], "cpus_per_task": res["cpus"],
-           "nodes": res["nodes"], "gpu": res["gpus"]}
+           "nodes": res["nodes"], "gpu": res["gpus"],
+           # a multi-node job's command starts its own tasks (`launcher`: srun + torchrun, one per node); `mpi` tells
+           # the SLURM executor not to wrap the job in `srun -n1` as well, whose step would hold the CPUs the inner
+           # srun needs on the first node; it then wants the task count (`tasks`: sbatch --ntasks, one per node).
+           # Snakemake drops a None resource.
+           **({"mpi": "srun", "tasks": int(res["nodes"])} if int(res["nodes"]) > 1 else {"mpi": None, "tasks": None})}
     out.update({k: res[k] for k in ("gpu_model", "slurm_partition", "slurm_extra") if k in res})
     return out
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI step for the SLURM integration test: start a single-node SLURM, run the smoke DAG through Snakemake's
-# SLURM executor, and always stop the daemons this step started (trap), also on failure or Ctrl-C.
-# Prints one summary line last:  "SLURM integration: OK, N jobs via sbatch, snakemake S s, total T s".
+# CI step for the SLURM integration test: start a two-node SLURM on this machine (each node a network namespace:
+# nodes.sh), run the smoke DAG through Snakemake's SLURM executor, then a training stage on `nodes: 2`
+# (run-two-node.sh), and always stop what this step started (trap), also on failure or Ctrl-C.
+# Prints one summary line last:  "SLURM integration: OK, N jobs via sbatch, ..., total T s".
 #
 # Skips (exit 0, with a message) only when SLURM cannot be installed here: no apt-get (or no root/sudo for
 # it) AND SLURM is not installed. Every other problem fails the step.
@@ -26,7 +27,10 @@ stop() {
     if [ $rc -eq 0 ]; then
         # shellcheck disable=SC1090  # result.env (jobs=, snakemake_s=, runs=) is written by run-smoke.sh
         . "${LDM_SLURM_SMOKE_DIR:-$HERE/../../work/slurm-smoke}/result.env"
-        echo "SLURM integration: OK, $jobs jobs via sbatch (sacct: all COMPLETED), $runs runs, snakemake ${snakemake_s} s, total ${total} s"
+        # shellcheck disable=SC1090  # two_node_s=, sha=, nodelist= from run-two-node.sh
+        . "${LDM_SLURM_TWO_NODE_DIR:-$HERE/../../work/slurm-two-node}/result.env"
+        echo "SLURM integration: OK, $jobs jobs via sbatch (sacct: all COMPLETED), $runs runs, snakemake ${snakemake_s} s;" \
+             "2-node training on $nodelist equals 1 node x 2 ranks (sha256 $sha...), ${two_node_s} s; total ${total} s"
     else
         echo "SLURM integration: FAILED (exit $rc) after ${total} s; daemon logs: $D/log"
     fi
@@ -34,7 +38,7 @@ stop() {
 }
 
 set +e
-"$HERE/start.sh"
+LDM_SLURM_NODES=${LDM_SLURM_NODES:-2} "$HERE/start.sh"
 rc=$?
 set -e
 if [ $rc -eq 3 ]; then
@@ -45,3 +49,4 @@ trap stop EXIT        # from here on, whatever happens, stop what start.sh start
 trap 'exit 130' INT TERM
 [ $rc -eq 0 ] || exit $rc
 "$HERE/run-smoke.sh"
+"$HERE/run-two-node.sh"

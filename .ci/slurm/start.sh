@@ -5,13 +5,17 @@
 # that stop.sh stops those and nothing else (a munged someone else runs is reused, never stopped).
 #
 # Env: LDM_SLURM_DIR (state, logs, pid files; default /var/tmp/ldm-slurm-ci), LDM_SLURM_PARTITION (ci),
-#      LDM_SLURM_WAIT (seconds to wait for the node to become idle; 60).
+#      LDM_SLURM_WAIT (seconds to wait for the nodes to become idle; 60),
+#      LDM_SLURM_NODES (1: the machine is the node; N > 1: nodes ldmci-n1..N, each a network namespace with
+#      its own slurmd and address, the controller on the machine: nodes.sh).
 # Exit codes: 0 node idle; 3 not installable here (no apt and no slurm: the caller may skip); other: error.
 set -euo pipefail
 
 D=${LDM_SLURM_DIR:-/var/tmp/ldm-slurm-ci}
 PARTITION=${LDM_SLURM_PARTITION:-ci}
 WAIT=${LDM_SLURM_WAIT:-60}
+NODES=${LDM_SLURM_NODES:-1}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CONF=/etc/slurm/slurm.conf
 MARK="# written by ldm-recipes .ci/slurm/start.sh"
 log() { echo "[slurm-start] $*" >&2; }
@@ -80,13 +84,30 @@ if as_root test -e "$CONF" && ! as_root grep -qF "$MARK" "$CONF"; then
     die "$CONF exists and was not written by this script: refusing to touch a real SLURM installation"
 fi
 node=$(hostname -s)
-# The node line comes from slurmd -C (real CPUs, sockets, cores, RealMemory): a node declaring more
+# One node: the machine, everything on the loopback. More: every node a namespace on a bridge, the controller at
+# the bridge's address (nodes.sh); the marker file tells stop.sh to take the network down again.
+. "$HERE/nodes.sh"
+if [ "$NODES" -gt 1 ]; then
+    as_root bash -c ". '$HERE/nodes.sh' && nodes_up $NODES" || die "could not make the nodes' namespaces"
+    as_root touch "$D/nodes-up"
+    addr=$LDM_NODES_NET.1
+    names=$(for i in $(seq 1 "$NODES"); do node_name "$i"; done)
+else
+    addr=127.0.0.1
+    names=$node
+fi
+# Node lines come from slurmd -C (real CPUs, sockets, cores, RealMemory): a node declaring more
 # memory or CPUs than slurmd detects is set DRAIN ("Low RealMemory").
 hw=$(slurmd -C | head -1 | sed -E 's/^NodeName=[^ ]+ //; s/ UpTime=.*//')
+node_lines=$(i=0; for n in $names; do
+    i=$((i + 1)); [ "$NODES" -gt 1 ] && a=$(node_addr $i) || a=$addr
+    echo "NodeName=$n NodeAddr=$a $hw State=UNKNOWN"
+done)
+nodes=$(echo $names | tr ' ' ,)
 conf=$(cat <<EOF
 $MARK (on $(hostname), for the SLURM integration test)
 ClusterName=ldmci
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$node($addr)
 # slurmctld runs as root (it owns $D); jobs still run as the submitting user.
 SlurmUser=root
 SlurmdUser=root
@@ -114,15 +135,16 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 KillWait=30
 StateSaveLocation=$D/state/ctld
-SlurmdSpoolDir=$D/state/d
+# %n: the node's name, so that several slurmd on one machine keep apart
+SlurmdSpoolDir=$D/state/d-%n
 SlurmctldPidFile=$D/run/slurmctld.pid
-SlurmdPidFile=$D/run/slurmd.pid
+SlurmdPidFile=$D/run/slurmd-%n.pid
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+SlurmdLogFile=$D/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=$node NodeAddr=127.0.0.1 $hw State=UNKNOWN
-PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=$PARTITION Nodes=$nodes Default=YES MaxTime=INFINITE State=UP
 EOF
 )
 as_root mkdir -p /etc/slurm
@@ -134,8 +156,9 @@ else
 fi
 
 # --- 4. slurmctld, slurmd --------------------------------------------------------------------------------
-start_daemon() {  # start_daemon NAME PIDFILE ARGS...
-    local name=$1 pidfile=$2; shift 2
+start_daemon() {  # start_daemon NAME PIDFILE [node_exec I] ARGS...: node_exec I runs it on node I >= 2
+    local name=$1 pidfile=$2 in_node=(); shift 2
+    [ "${1:-}" = node_exec ] && { in_node=(bash -c ". '$HERE/nodes.sh' && node_exec \"\$@\"" _ "$2"); shift 2; }
     if alive "$name" "$pidfile"; then
         if [ "$conf_changed" = 1 ]; then
             log "$name running with an old config: reconfiguring"; as_root scontrol reconfigure || true
@@ -148,9 +171,9 @@ start_daemon() {  # start_daemon NAME PIDFILE ARGS...
         die "port 6817 is taken by another slurmctld: stop it first"
     fi
     # Both daemonize; the pid file is written by the daemon itself.
-    as_root "/usr/sbin/$name" "$@"
+    as_root "${in_node[@]}" "/usr/sbin/$name" "$@"
     for _ in $(seq 100); do alive "$name" "$pidfile" && break; sleep 0.1; done
-    alive "$name" "$pidfile" || { as_root tail -20 "$D/log/$name.log" >&2 || true; die "$name did not start"; }
+    alive "$name" "$pidfile" || { as_root tail -20 "$D/log/$name"*.log >&2 || true; die "$name did not start"; }
     echo "$name $pidfile" | as_root tee -a "$started" >/dev/null
     log "started $name (pid $(as_root cat "$pidfile"))"
 }
@@ -161,19 +184,29 @@ if [ "$fresh" = 1 ]; then
     as_root sh -c "[ ! -e '$D/log/jobcomp.txt' ] || mv '$D/log/jobcomp.txt' '$D/log/jobcomp.prev.txt'"
 fi
 start_daemon slurmctld "$D/run/slurmctld.pid" -c
-start_daemon slurmd "$D/run/slurmd.pid" -N "$node"
+if [ "$NODES" -gt 1 ]; then
+    for i in $(seq 1 "$NODES"); do
+        as_root mkdir -p "$D/state/d-$(node_name "$i")"
+        start_daemon slurmd "$D/run/slurmd-$(node_name "$i").pid" node_exec "$i" -N "$(node_name "$i")"
+    done
+else
+    as_root mkdir -p "$D/state/d-$node"
+    start_daemon slurmd "$D/run/slurmd-$node.pid" -N "$node"
+fi
 
-# --- 5. wait for the node ---------------------------------------------------------------------------------
+# --- 5. wait for the nodes --------------------------------------------------------------------------------
 t0=$SECONDS
-until [ "$(sinfo -h -n "$node" -p "$PARTITION" -o '%T' 2>/dev/null)" = idle ]; do
-    if [ $((SECONDS - t0)) -ge "$WAIT" ]; then
-        sinfo -N -l >&2 || true
-        as_root tail -15 "$D/log/slurmctld.log" "$D/log/slurmd.log" >&2 || true
-        die "node $node not idle after ${WAIT} s"
-    fi
-    state=$(sinfo -h -n "$node" -o '%T' 2>/dev/null || true)
-    # A drained/down node left over from an earlier run (e.g. it was killed mid-job) is resumed once.
-    case "$state" in drain*|down*) as_root scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;; esac
-    sleep 0.5
+for n in ${nodes//,/ }; do
+    until [ "$(sinfo -h -n "$n" -p "$PARTITION" -o '%T' 2>/dev/null)" = idle ]; do
+        if [ $((SECONDS - t0)) -ge "$WAIT" ]; then
+            sinfo -N -l >&2 || true
+            as_root tail -15 "$D/log/slurmctld.log" "$D/log/slurmd-$n.log" >&2 || true
+            die "node $n not idle after ${WAIT} s"
+        fi
+        state=$(sinfo -h -n "$n" -o '%T' 2>/dev/null || true)
+        # A drained/down node left over from an earlier run (e.g. it was killed mid-job) is resumed once.
+        case "$state" in drain*|down*) as_root scontrol update NodeName="$n" State=RESUME 2>/dev/null || true ;; esac
+        sleep 0.5
+    done
 done
-log "node $node idle in partition $PARTITION ($(sinfo -h -n "$node" -o '%c CPUs, %m MB'); waited $((SECONDS - t0)) s)"
+log "nodes $nodes idle in partition $PARTITION ($(sinfo -h -n "${nodes%%,*}" -o '%c CPUs, %m MB') each; waited $((SECONDS - t0)) s)"

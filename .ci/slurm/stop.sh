@@ -9,7 +9,7 @@ started="$D/started"
 log() { echo "[slurm-stop] $*" >&2; }
 if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
 
-[ -e "$started" ] || { log "nothing recorded in $started: nothing to stop"; exit 0; }
+[ -e "$started" ] || [ -e "$D/nodes-up" ] || { log "nothing recorded in $started: nothing to stop"; exit 0; }
 
 rc=0
 # tac: stop in reverse start order (slurmd before slurmctld before munged: each needs the next).
@@ -31,4 +31,9 @@ while read -r name pidfile; do
     log "stopped $name (pid $pid)"
 done < <("${SUDO[@]}" tac "$started")
 "${SUDO[@]}" rm -f "$started"
+# the extra nodes' namespaces, bridge and /etc/hosts lines (start.sh with LDM_SLURM_NODES > 1)
+if "${SUDO[@]}" test -e "$D/nodes-up"; then
+    "${SUDO[@]}" bash -c ". '$(dirname "${BASH_SOURCE[0]}")/nodes.sh' && nodes_down" && "${SUDO[@]}" rm -f "$D/nodes-up" \
+        && log "removed the extra nodes' namespaces" || rc=1
+fi
 exit $rc

@@ -35,6 +35,8 @@ rule train:
         cpus_per_task=run_resources("cpus_per_task"),
         nodes=run_resources("nodes"),
         gpu=run_resources("gpu"),
+        mpi=run_resources("mpi"),
+        tasks=run_resources("tasks"),
         slurm_extra=lambda w: slurm_resources("train", w.run).get("slurm_extra", ""),
     log:
         str(L.log("train/{run}.log")),
