@@ -341,11 +341,15 @@ def store_resolved(config: dict, root: Path = RESOLVED_CONFIGS) -> Path:
     return path
 
 
-def resolved_config_variable(name: str) -> str:
-    """The environment variable through which the jobs of scenario `name` find its stored config. Jobs get the
-    path from the environment, not from their command text or params: Snakemake reruns a job when either
-    changes, and each rule already carries a hash of exactly the config slice it depends on."""
-    return "LDM_CONFIG_" + re.sub(r"[^A-Za-z0-9]", "_", name)
+def resolved_config_variable(workdir: str) -> str:
+    """The environment variable through which the jobs of the scenario working in `workdir` find its stored config.
+    Jobs get the path from the environment, not from their command text or params: Snakemake reruns a job when
+    either changes, and each rule already carries a hash of exactly the config slice it depends on. Named by the
+    workdir, which the scenarios of one study never share, and not by the scenario's name: two configs sharing a
+    workdir (small.yaml, small_reseed.yaml) then write the same command for the jobs they share, which Snakemake
+    would otherwise redo ("code changed") each time the other config runs. The hash keeps names unique."""
+    readable = re.sub(r"[^A-Za-z0-9]", "_", str(workdir))[-40:]
+    return f"LDM_CONFIG_{readable}_{hashlib.sha256(str(workdir).encode()).hexdigest()[:6]}"
 
 
 def load_scenario(path: str | Path) -> Scenario:

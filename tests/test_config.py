@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldm.config import ConfigError, load_config, merge, validate
+from ldm.config import ConfigError, load_config, merge, resolved_config_variable, validate
 from ldm.provenance import digest
 from ldm.layout import parse_data_key
 from ldm.spec import Scenario, expand_runs
@@ -348,6 +348,10 @@ def test_the_reseed_config_is_small_with_other_training_seeds_and_the_claim_grid
             continue
         assert reseed.get(key) == small.get(key), key
     assert not set(reseed["train_seeds"]) & set(small["train_seeds"])
+    # one workdir, so the jobs both configs share have one command line (the config's path variable is the
+    # workdir's): otherwise Snakemake redoes them ("code changed") each time the other config runs
+    assert resolved_config_variable(reseed["workdir"]) == resolved_config_variable(small["workdir"])
+    assert resolved_config_variable("work/a-b") != resolved_config_variable("work/a_b")
     # the reseed draw is small's second draw of the claim runs: small trains those seeds too, so its
     # REPORT.md pools both draws and decides each alone (study.draws)
     assert reseed["train_seeds"] in small["study"]["draws"]

@@ -45,7 +45,7 @@ LDM = f"{q(sys.executable)} -m ldm.cli"
 # re-parses this file on its node and sets it there), so the rule text and params stay the same across
 # config edits: each rule's `params` carry a hash of exactly the config slice it depends on, and editing
 # one recipe reruns that recipe's jobs and nothing else.
-CONFIG_VARIABLE = resolved_config_variable(CFG["name"])
+CONFIG_VARIABLE = resolved_config_variable(CFG["workdir"])
 os.environ[CONFIG_VARIABLE] = str(store_resolved(CFG).resolve())
 CONFIG_ARG = f'"${CONFIG_VARIABLE}"'  # in a rule's shell command: the path, expanded by the job's shell
 

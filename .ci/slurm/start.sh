@@ -8,7 +8,7 @@
 #      LDM_SLURM_WAIT (seconds to wait for the nodes to become idle; 60),
 #      LDM_SLURM_NODES (1: the machine is the node; N > 1: nodes ldmci-n1..N, each a network namespace with
 #      its own slurmd and address, the controller on the machine: nodes.sh).
-# Exit codes: 0 node idle; 3 not installable here (no apt and no slurm: the caller may skip); other: error.
+# Exit codes: 0 nodes idle; 3 not installable here (no apt and no slurm: the caller may skip); other: error.
 set -euo pipefail
 
 D=${LDM_SLURM_DIR:-/var/tmp/ldm-slurm-ci}
@@ -156,7 +156,7 @@ else
 fi
 
 # --- 4. slurmctld, slurmd --------------------------------------------------------------------------------
-start_daemon() {  # start_daemon NAME PIDFILE [node_exec I] ARGS...: node_exec I runs it on node I >= 2
+start_daemon() {  # start_daemon NAME PIDFILE [node_exec I] ARGS...: with node_exec I, inside node I (nodes.sh)
     local name=$1 pidfile=$2 in_node=(); shift 2
     [ "${1:-}" = node_exec ] && { in_node=(bash -c ". '$HERE/nodes.sh' && node_exec \"\$@\"" _ "$2"); shift 2; }
     if alive "$name" "$pidfile"; then
