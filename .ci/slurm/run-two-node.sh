@@ -26,18 +26,19 @@ die() { log "FAIL: $*"; exit 1; }
 rm -rf "$RUN_DIR"
 mkdir -p "$RUN_DIR"
 cfg="$RUN_DIR/two-node.yaml"
-"$PY" - "$REPO/config/smoke.yaml" "$cfg" <<'EOF'
+# writes the config and prints the run and its checkpoint (relative to RUN_DIR)
+read -r run checkpoint < <("$PY" - "$REPO/config/smoke.yaml" "$cfg" <<'EOF'
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1]))
 config["name"] = "two_node"
 config["recipes"] = {"dit": config["recipes"]["dit"]}
 config["stages"] = {"pretrain": {**config["stages"]["pretrain"], "resources": {"nodes": 2, "cpus": 1}}}
 yaml.safe_dump(config, open(sys.argv[2], "w"), sort_keys=False)
+run = f"dit.synthetic.pretrain.{config['resolutions']['low']}"
+print(run, f"{config['workdir']}/runs/{run}/final.safetensors")
 EOF
-run=dit.synthetic.pretrain.$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["resolutions"]["low"])' "$cfg")
-workdir=$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["workdir"])' "$cfg")
-W="$RUN_DIR/$workdir"
-target="$W/runs/$run/final.safetensors"
+)
+target="$RUN_DIR/$checkpoint"
 
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 export LDM_SLURM_ACCOUNT=${LDM_SLURM_ACCOUNT:-none} LDM_SLURM_PARTITION=${LDM_SLURM_PARTITION:-ci}
@@ -45,8 +46,7 @@ cd "$REPO"
 smk_log="$RUN_DIR/snakemake.log"
 t0=$SECONDS
 "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$RUN_DIR" --profile slurm \
-    --workflow-profile "$REPO/profiles/slurm-ci" --configfile "$cfg" --cores "$CORES" "$workdir/runs/$run/final.safetensors" \
-    >"$smk_log" 2>&1 \
+    --workflow-profile "$REPO/profiles/slurm-ci" --configfile "$cfg" --cores "$CORES" "$checkpoint" >"$smk_log" 2>&1 \
     || { tail -60 "$smk_log" >&2; die "snakemake failed (log: $smk_log)"; }
 two_node_s=$((SECONDS - t0))
 
@@ -61,7 +61,7 @@ IFS='|' read -r _ nodelist state exitcode <<<"$acct"
 [ "$(scontrol show hostnames "$nodelist" | wc -l)" -eq 2 ] || die "train job $job ran on '$nodelist', not 2 nodes"
 [ -s "$target" ] || die "missing $target"
 mkdir -p "$RUN_DIR/two-node"
-mv "$W/runs/$run" "$RUN_DIR/two-node/$run"
+mv "$(dirname "$target")" "$RUN_DIR/two-node/$run"
 
 # --- 2. the same run, one node, 2 processes ------------------------------------------------------------------
 cd "$RUN_DIR"
