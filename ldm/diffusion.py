@@ -27,7 +27,6 @@ import math
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
 from .models.conditioning import TIME_SCALE
 
@@ -117,6 +116,10 @@ class DDPMObjective:
         self.beta_schedule = beta_schedule
         self.resolution_shift = float(resolution_shift)
         self.vlb_weight = float(vlb_lambda) * num_train_timesteps
+        # imported here, not at module level: diffusers costs ~1.3 s of import per process, and the flow
+        # objective (most jobs of a study) never builds a DDPM schedule
+        from diffusers import DDPMScheduler
+
         start, end = self.BETA_RANGES.get(beta_schedule, self.BETA_RANGES["linear"])
         start, end = start if beta_start is None else beta_start, end if beta_end is None else beta_end
         if beta_schedule == "scaled_linear":

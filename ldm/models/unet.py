@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .base import ArchitectureInfo, DiffusionModel
@@ -121,6 +120,10 @@ class LDMUNet(DiffusionModel):
         down = 2 ** (len(channel_mult) - 1)
         if latent_size % down:
             raise ValueError(f"latent_size {latent_size} is not divisible by the UNet's total downsampling {down}")
+        # imported on use: diffusers' UNet costs ~2.7 s of import, paid by every job of every architecture
+        # if it sat at module level (ldm.models registers all of them)
+        from diffusers import UNet2DConditionModel
+
         self.unet = UNet2DConditionModel(
             **backbone_kwargs(
                 in_channels, self.out_channels, model_channels, tuple(channel_mult), num_res_blocks,
