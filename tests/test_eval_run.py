@@ -301,6 +301,23 @@ def test_aux_samples_bound_the_side_sets_to_the_first_images(scenario):
     assert record["curve"][0]["step"] == 3 and "fd_evaluator" in record["curve"][0]
 
 
+def test_side_sets_of_the_main_setting_are_sliced_from_the_final_sets_bit_for_bit(scenario):
+    """A sweep point at `sampling.guidance` and a size condition equal to `original_size` are the final
+    snapshot's images (same seed, noise, scales): sliced from them, not drawn again, and the same bytes as
+    drawing them (here: once the main scale is elsewhere, 2.0 is a sweep point of its own and is drawn)."""
+    config, _ = scenario
+    lines = []
+    sliced = shards(sample_run(config, RUN, log=lines.append).parent)
+    drew = lambda name: any(f"drew {name} " in line for line in lines)  # noqa: E731
+    assert drew("guidance-1.0") and not drew("guidance-2.0") and drew("size-16.seed-1") and not drew("size-32.seed-1")
+    final, sweep = sliced["step-0000006.safetensors"], sliced["guidance.safetensors"]
+    assert torch.equal(sweep["images"][sweep["scales"] == 2.0], final["images"][final["seeds"] == 0])
+    config["sampling"]["guidance"] = 3.0
+    lines.clear()
+    drawn = shards(sample_run(config, RUN, log=lines.append).parent)["guidance.safetensors"]
+    assert drew("guidance-2.0") and torch.equal(drawn["images"], sweep["images"])
+
+
 def test_an_interrupted_sampling_job_redoes_only_what_it_had_not_finished(scenario, monkeypatch):
     """A job killed mid-way (here: dies on its 4th image set) keeps the sets it finished; the rerun samples only
     the others and writes the same bytes as an uninterrupted job. Parts from other settings are never reused."""
@@ -326,7 +343,9 @@ def test_an_interrupted_sampling_job_redoes_only_what_it_had_not_finished(scenar
     counted = lambda *a, **k: calls.append(1) or real_draw(*a, **k)  # noqa: E731
     monkeypatch.setattr(sample_mod, "sample_latents", counted)
     sample_run(config, RUN, log=lines.append)
-    total = 1 + 2 + 3 + 2 * 3  # step 3: seed 0; step 6: seeds 0, 1; sweep 3 scales; sizes 2 seeds x 3 sizes
+    # step 3: seed 0; step 6: seeds 0, 1; sweep 3 scales; sizes 2 seeds x 3 sizes; less what is sliced from the
+    # final sets: the sweep at the main scale (2.0) and the size equal to `original_size` (32), both seeds
+    total = 1 + 2 + 3 + 2 * 3 - 1 - 2
     assert len(calls) == total - 3 and any("3 image share(s) reused" in line for line in lines)
     again = shards(samples)
     assert again.keys() == full.keys() and all(torch.equal(again[k][n], full[k][n]) for k in full for n in full[k])
@@ -341,4 +360,4 @@ def test_an_interrupted_sampling_job_redoes_only_what_it_had_not_finished(scenar
     monkeypatch.setattr(sample_mod, "sample_latents", counted)
     calls.clear()
     sample_run(config, RUN, log=lambda *_: None)
-    assert len(calls) == total
+    assert len(calls) == total + 1  # the main scale is no sweep point now: 2.0 is drawn

@@ -99,6 +99,13 @@ def _config(scenario):  # noqa: F811
     return config
 
 
+#: the shares the ranks slice instead of drawing (`sample_run`'s `obtain`; the main scale is 2.0, `original_size` 32):
+#: rank 0's [0, 16) of the sweep at 2.0 and of size 32 (both seeds) from the final sets' [0, 16); rank 1's [16, 24)
+#: of size 32, seed 0, from the sweep's [16, 24) (drawn: the final set's group there is [16, 32), another group)
+SLICED = {"guidance-2.0.0-16", "size-32.seed-0.0-16", "size-32.seed-1.0-16", "size-32.seed-0.16-24"}
+DRAWN = 24 - len(SLICED)
+
+
 def _one_process(config: dict) -> tuple[Path, dict[str, bytes]]:
     """The samples directory and the bytes one in-process job writes there, then cleared for the ranks' job."""
     samples = sample_run(config, RUN, log=lambda *_: None).parent
@@ -119,8 +126,9 @@ def test_two_processes_write_the_same_bytes_as_one(scenario, tmp_path):  # noqa:
     draws = tmp_path / "draws.txt"
     out = _finish(_launch(config, tmp_path, 2, draws))
     ranks = draws.read_text().split()
-    # both ranks drew (step 3: 1 seed; step 6: 2 seeds; sweep: 3 scales; sizes: 2 seeds x 3 sizes = 12 parts each)
-    assert ranks.count("0") == ranks.count("1") == 12, out[-2000:]
+    # both ranks drew their shares of 12 parts (step 3: 1 seed; step 6: 2 seeds; sweep: 3 scales; sizes: 2 seeds x
+    # 3 sizes) but those sliced from a finished share of the same setting (`SLICED`)
+    assert ranks.count("0") == 12 - 3 and ranks.count("1") == 12 - 1 and len(ranks) == DRAWN, out[-2000:]
     two = _files(samples)
     assert set(two) == set(one) and "index.json" in two and "step-0000006.safetensors" in two
     assert [name for name in one if one[name] != two[name]] == []
@@ -141,11 +149,11 @@ def test_a_sigkilled_two_rank_job_redoes_only_the_shares_it_had_not_finished(sce
         os.kill(int(pid), signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = len(list(parts.glob("*.safetensors")))
-    assert 6 <= finished < 24 and not (samples / "index.json").exists()
+    finished = {p.stem for p in parts.glob("*.safetensors")}
+    assert 6 <= len(finished) < 24 and not (samples / "index.json").exists()
     draws.unlink()
     out = _finish(_launch(config, tmp_path, 2, draws))
-    assert len(draws.read_text().split()) == 24 - finished, out[-2000:]
+    assert len(draws.read_text().split()) == DRAWN - len(finished - SLICED), out[-2000:]
     assert "reused from an interrupted job" in out
     again = _files(samples)
     assert set(again) == set(one) and [name for name in one if one[name] != again[name]] == []

@@ -142,12 +142,15 @@ def sampling_prompts(scenario: Scenario, run: Run, cache: LatentDataset, labels:
 
 @dataclass
 class Part:
-    """Images [0, n) of one (set, seed, setting) drawn from one snapshot; `draw(lo, hi)` makes images lo..hi."""
+    """Images [0, n) of one (set, seed, setting) drawn from one snapshot; `draw(lo, hi)` makes images lo..hi.
+    `setting` names what image i depends on besides i (snapshot, seed, scales, size condition): two parts of one
+    setting hold the same images where they overlap (`sample_run` slices instead of drawing them twice)."""
     name: str
     key: str
     n: int
     snapshot: Path
     draw: Callable[[int, int], torch.Tensor]
+    setting: tuple = ()
 
 
 @dataclass
@@ -192,6 +195,8 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
         return held["model"], held["vae"]
 
     def drawer(snapshot: Path, seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None):
+        control_scale = scfg["guidance_control"] if control_scale is None else control_scale
+
         def draw(lo: int, hi: int) -> torch.Tensor:
             model, vae = on_device(snapshot)
             latents = sample_latents(model, objective, None if text is not None else labels[lo:hi],
@@ -199,13 +204,19 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
                                      text=None if text is None else text[lo:hi],
                                      text_mask=None if text_mask is None else text_mask[lo:hi],
                                      latent_shape=latent_shape, steps=scfg["steps"], guidance_semantic=guidance,
-                                     guidance_control=scfg["guidance_control"] if control_scale is None else control_scale,
+                                     guidance_control=control_scale,
                                      guidance_interval=scfg["guidance_interval"], seeds=image_seeds(seed, hi)[lo:],
                                      batch_size=scfg["batch_size"], sampler=sampler, micro_batch=FORWARD_BATCH,
                                      guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
                                      guidance_channels=scfg["guidance_channels"])
             return decode_to_uint8(vae, latents, scaling, shift)
         return draw
+
+    def setting(snapshot: Path, seed: int, guidance: float, control_scale: float | None = None,
+                size: int | None = None) -> tuple:
+        return (str(snapshot), seed, float(guidance),
+                float(scfg["guidance_control"] if control_scale is None else control_scale),
+                int(scfg["original_size"] if size is None else size))
 
     # A part's key names everything its images depend on (the sample rule's hash, the snapshot's weights, the
     # VAE, the prompts): a part file left by a killed job is reused only under the same key.
@@ -223,7 +234,8 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
         seeds, n = (scfg["seeds"], len(labels)) if final else (scfg["seeds"][:1], n_aux)
         name = f"step-{step:07d}.safetensors"
         sets.append(SampleSet(name, [Part(f"step-{step:07d}.seed-{seed}", digest([*base_key, weights, step, seed, n]),
-                                          n, snapshot, drawer(snapshot, seed, scfg["guidance"], control))
+                                          n, snapshot, drawer(snapshot, seed, scfg["guidance"], control),
+                                          setting(snapshot, seed, scfg["guidance"]))
                                      for seed in seeds],
                               {"labels": labels[:n].repeat(len(seeds)), "control": control[:n].repeat(len(seeds), 1),
                                "seeds": torch.tensor(seeds, dtype=torch.int64).repeat_interleave(n)}))
@@ -231,15 +243,16 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
     # the sweeps and size conditions: the final snapshot's weights, the first seed (sizes: every seed)
     last, final_weights, seed = snapshots[-1], weights, scfg["seeds"][0]
 
-    def final_part(name: str, *settings, draw) -> Part:
-        return Part(name, digest([*base_key, final_weights, *settings]), n_aux, last, draw)
+    def final_part(name: str, *settings, draw, same_as: tuple) -> Part:
+        return Part(name, digest([*base_key, final_weights, *settings]), n_aux, last, draw, same_as)
 
     if scfg["guidance_sweep"]:
         scales = [float(g) for g in scfg["guidance_sweep"]]
         sweep_columns = {"labels": labels[:n_aux].repeat(len(scales)),
                          "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)}
         sets.append(SampleSet("guidance.safetensors", [
-            final_part(f"guidance-{g}", "guidance", seed, g, n_aux, draw=drawer(last, seed, g, control))
+            final_part(f"guidance-{g}", "guidance", seed, g, n_aux, draw=drawer(last, seed, g, control),
+                       same_as=setting(last, seed, g))
             for g in scales], sweep_columns))
         extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
                                    "step": entries[-1]["step"]}
@@ -248,7 +261,8 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
             # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
             # compares two-scale guidance with (same seed, same noise, same weights)
             sets.append(SampleSet("guidance_joint.safetensors", [
-                final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux, draw=drawer(last, seed, g, control, g))
+                final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux, draw=drawer(last, seed, g, control, g),
+                           same_as=setting(last, seed, g, g))
                 for g in scales], sweep_columns))
             extra["guidance_sweep_joint"] = {**extra["guidance_sweep"], "file": "guidance_joint.safetensors"}
     if scfg["size_conditions"] and not recipe.uses_control:
@@ -258,7 +272,8 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
         grid = [(s, size) for s in scfg["seeds"] for size in sizes]
         sets.append(SampleSet("sizes.safetensors", [
             final_part(f"size-{size}.seed-{s}", "size", s, size, n_aux,
-                       draw=drawer(last, s, scfg["guidance"], whole_square_image(size, n_aux))) for s, size in grid], {
+                       draw=drawer(last, s, scfg["guidance"], whole_square_image(size, n_aux)),
+                       same_as=setting(last, s, scfg["guidance"], size=size)) for s, size in grid], {
             "labels": labels[:n_aux].repeat(len(grid)),
             "seeds": torch.tensor([s for s, _ in grid], dtype=torch.int64).repeat_interleave(n_aux),
             "sizes": torch.tensor([size for _, size in grid], dtype=torch.int64).repeat_interleave(n_aux),
@@ -307,13 +322,32 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
             f"{time.perf_counter() - started:.0f} s")
         return images
     drawn.count = 0
+    finished: dict[tuple, list[tuple[int, int, str, str]]] = {}  # setting -> its shares finished in this job
+
+    def obtain(part: Part, lo: int, hi: int) -> torch.Tensor:
+        """A share's images: its own finished file, else a slice of a finished share of the same setting whose
+        forward groups it shares (a sweep point at the main scale is the main set's first images: image i
+        depends on its setting and i only, and a group's bits on its members), else drawn."""
+        name, key = share_name(part, lo, hi)
+
+        def make() -> torch.Tensor:
+            for a, b, other, other_key in finished.get(part.setting, []) if part.setting else []:
+                same_groups = a <= lo and hi <= b and (lo - a) % FORWARD_BATCH == 0 and (
+                    hi == b or (hi - a) % FORWARD_BATCH == 0)
+                if same_groups and (images := parts.load(other, other_key)) is not None:
+                    return images[lo - a:hi - a].clone()
+            return drawn(part, lo, hi)
+
+        images = parts.get(name, key, make)
+        finished.setdefault(part.setting, []).append((lo, hi, name, key))
+        return images
 
     if ranks.world > 1:
         for sample_set in sets:
             for part in sample_set.parts:
                 lo, hi = ranks.share(part.n, FORWARD_BATCH)
                 if hi > lo:
-                    parts.get(*share_name(part, lo, hi), lambda: drawn(part, lo, hi))
+                    obtain(part, lo, hi)
         log(f"{run.run_id}: rank {ranks.rank}/{ranks.world} drew its shares"
             + (f" ({parts.reused} reused from an interrupted job)" if parts.reused else "")
             + "; waiting for the other ranks")
@@ -323,7 +357,7 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
 
     def merged(part: Part) -> torch.Tensor:
         if ranks.world == 1:
-            return parts.get(*share_name(part, 0, part.n), lambda: drawn(part, 0, part.n))
+            return obtain(part, 0, part.n)
         shares = []
         for r in range(ranks.world):
             lo, hi = replace(ranks, rank=r).share(part.n, FORWARD_BATCH)
