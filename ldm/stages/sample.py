@@ -150,7 +150,7 @@ class Part:
     n: int
     snapshot: Path
     draw: Callable[[int, int], torch.Tensor]
-    setting: tuple = ()
+    setting: tuple
 
 
 @dataclass
@@ -194,13 +194,17 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
             held["snapshot"] = snapshot
         return held["model"], held["vae"]
 
-    def drawer(snapshot: Path, seed: int, guidance: float, ctrl: torch.Tensor, control_scale: float | None = None):
-        control_scale = scfg["guidance_control"] if control_scale is None else control_scale
+    def drawer(snapshot: Path, seed: int, guidance: float, control_scale: float | None = None,
+               size: int | None = None) -> tuple[Callable[[int, int], torch.Tensor], tuple]:
+        """(draw, setting): `draw(lo, hi)` makes images lo..hi from `snapshot` at these scales and original size
+        (defaults: the config's); `setting` names exactly these arguments (`Part.setting`)."""
+        control_scale = float(scfg["guidance_control"] if control_scale is None else control_scale)
+        size = int(scfg["original_size"] if size is None else size)
 
         def draw(lo: int, hi: int) -> torch.Tensor:
             model, vae = on_device(snapshot)
             latents = sample_latents(model, objective, None if text is not None else labels[lo:hi],
-                                     ctrl[lo:hi] if recipe.uses_control else None,
+                                     whole_square_image(size, hi - lo) if recipe.uses_control else None,
                                      text=None if text is None else text[lo:hi],
                                      text_mask=None if text_mask is None else text_mask[lo:hi],
                                      latent_shape=latent_shape, steps=scfg["steps"], guidance_semantic=guidance,
@@ -210,13 +214,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
                                      guidance_schedule=scfg["guidance_schedule"], guidance_power=scfg["guidance_power"],
                                      guidance_channels=scfg["guidance_channels"])
             return decode_to_uint8(vae, latents, scaling, shift)
-        return draw
-
-    def setting(snapshot: Path, seed: int, guidance: float, control_scale: float | None = None,
-                size: int | None = None) -> tuple:
-        return (str(snapshot), seed, float(guidance),
-                float(scfg["guidance_control"] if control_scale is None else control_scale),
-                int(scfg["original_size"] if size is None else size))
+        return draw, (str(snapshot), seed, float(guidance), control_scale, size)
 
     # A part's key names everything its images depend on (the sample rule's hash, the snapshot's weights, the
     # VAE, the prompts): a part file left by a killed job is reused only under the same key.
@@ -234,8 +232,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
         seeds, n = (scfg["seeds"], len(labels)) if final else (scfg["seeds"][:1], n_aux)
         name = f"step-{step:07d}.safetensors"
         sets.append(SampleSet(name, [Part(f"step-{step:07d}.seed-{seed}", digest([*base_key, weights, step, seed, n]),
-                                          n, snapshot, drawer(snapshot, seed, scfg["guidance"], control),
-                                          setting(snapshot, seed, scfg["guidance"]))
+                                          n, snapshot, *drawer(snapshot, seed, scfg["guidance"]))
                                      for seed in seeds],
                               {"labels": labels[:n].repeat(len(seeds)), "control": control[:n].repeat(len(seeds), 1),
                                "seeds": torch.tensor(seeds, dtype=torch.int64).repeat_interleave(n)}))
@@ -243,16 +240,15 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
     # the sweeps and size conditions: the final snapshot's weights, the first seed (sizes: every seed)
     last, final_weights, seed = snapshots[-1], weights, scfg["seeds"][0]
 
-    def final_part(name: str, *settings, draw, same_as: tuple) -> Part:
-        return Part(name, digest([*base_key, final_weights, *settings]), n_aux, last, draw, same_as)
+    def final_part(name: str, *settings, drawing: tuple) -> Part:
+        return Part(name, digest([*base_key, final_weights, *settings]), n_aux, last, *drawing)
 
     if scfg["guidance_sweep"]:
         scales = [float(g) for g in scfg["guidance_sweep"]]
         sweep_columns = {"labels": labels[:n_aux].repeat(len(scales)),
                          "scales": torch.tensor(scales, dtype=torch.float64).repeat_interleave(n_aux)}
         sets.append(SampleSet("guidance.safetensors", [
-            final_part(f"guidance-{g}", "guidance", seed, g, n_aux, draw=drawer(last, seed, g, control),
-                       same_as=setting(last, seed, g))
+            final_part(f"guidance-{g}", "guidance", seed, g, n_aux, drawing=drawer(last, seed, g))
             for g in scales], sweep_columns))
         extra["guidance_sweep"] = {"file": "guidance.safetensors", "scales": scales, "seed": seed,
                                    "step": entries[-1]["step"]}
@@ -261,8 +257,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
             # output is then e(null, null) + w * (e(y, c) - e(null, null)), the single-scale CFG that claim 5
             # compares two-scale guidance with (same seed, same noise, same weights)
             sets.append(SampleSet("guidance_joint.safetensors", [
-                final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux, draw=drawer(last, seed, g, control, g),
-                           same_as=setting(last, seed, g, g))
+                final_part(f"guidance_joint-{g}", "joint", seed, g, n_aux, drawing=drawer(last, seed, g, g))
                 for g in scales], sweep_columns))
             extra["guidance_sweep_joint"] = {**extra["guidance_sweep"], "file": "guidance_joint.safetensors"}
     if scfg["size_conditions"] and not recipe.uses_control:
@@ -272,8 +267,7 @@ def sample_sets(scenario: Scenario, run: Run, ranks: Ranks, log=print) -> tuple[
         grid = [(s, size) for s in scfg["seeds"] for size in sizes]
         sets.append(SampleSet("sizes.safetensors", [
             final_part(f"size-{size}.seed-{s}", "size", s, size, n_aux,
-                       draw=drawer(last, s, scfg["guidance"], whole_square_image(size, n_aux)),
-                       same_as=setting(last, s, scfg["guidance"], size=size)) for s, size in grid], {
+                       drawing=drawer(last, s, scfg["guidance"], size=size)) for s, size in grid], {
             "labels": labels[:n_aux].repeat(len(grid)),
             "seeds": torch.tensor([s for s, _ in grid], dtype=torch.int64).repeat_interleave(n_aux),
             "sizes": torch.tensor([size for _, size in grid], dtype=torch.int64).repeat_interleave(n_aux),
@@ -331,7 +325,7 @@ def sample_run(scenario: Scenario, run: Run, log=print, ranks: Ranks | None = No
         name, key = share_name(part, lo, hi)
 
         def make() -> torch.Tensor:
-            for a, b, other, other_key in finished.get(part.setting, []) if part.setting else []:
+            for a, b, other, other_key in finished.get(part.setting, []):
                 same_groups = a <= lo and hi <= b and (lo - a) % FORWARD_BATCH == 0 and (
                     hi == b or (hi - a) % FORWARD_BATCH == 0)
                 if same_groups and (images := parts.load(other, other_key)) is not None:
