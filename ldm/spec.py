@@ -88,6 +88,7 @@ class Stage:
     lr: float | None
     resources: dict | None
     schedule_shift: Any
+    sampling: dict | None  # this stage's own sample sets (over the recipe's and `sampling`)
 
 
 @dataclass(frozen=True)
@@ -250,8 +251,9 @@ class Scenario:
         return {**self.config["training"], **(self.recipe(run).training or {})}
 
     def sampling(self, run: Run) -> dict:
-        """`sampling` with the recipe's own settings over it (steps, guidance and its schedule and channels)."""
-        return {**self.config["sampling"], **(self.recipe(run).sampling or {})}
+        """`sampling` with the recipe's own settings over it (steps, guidance and its schedule and channels), and
+        the stage's over both (which side sets an ablation stage needs: the claims read some only at one stage)."""
+        return {**self.config["sampling"], **(self.recipe(run).sampling or {}), **(self.stage(run).sampling or {})}
 
     def schedule_shift(self, run: Run) -> float:
         """The noise-schedule shift factor (the recipe's `schedule_shift`, else the stage's); `auto` = resolution
@@ -283,10 +285,11 @@ class Scenario:
         config = self.config
         section = {
             "data": self.data_section(),
-            # the seed list is not a run's (its own seed is in its id): adding a seed reruns nothing
-            "recipe": {k: v for k, v in config["recipes"][run.recipe].items() if k != "train_seeds"},
+            # the seed list is not a run's (its own seed is in its id): adding a seed reruns nothing; sampling
+            # settings are not its weights' either (they enter the sample and evaluate hashes via `sampling(run)`)
+            "recipe": {k: v for k, v in config["recipes"][run.recipe].items() if k not in ("train_seeds", "sampling")},
             # resources change where a run executes, not its weights
-            "stage": {k: v for k, v in config["stages"][run.stage].items() if k != "resources"},
+            "stage": {k: v for k, v in config["stages"][run.stage].items() if k not in ("resources", "sampling")},
             "training": {k: v for k, v in config["training"].items() if k not in LOADER_KEYS},
             "run_id": run.run_id,
         }
@@ -296,7 +299,7 @@ class Scenario:
 
     def eval_section(self, run: Run) -> dict:
         config = self.config
-        return {"run": self.run_section(run), "sampling": config["sampling"],
+        return {"run": self.run_section(run), "sampling": self.sampling(run),
                 "evaluation": config["evaluation"], "evaluator": config["evaluator"]}
 
     def run_seed(self, run: Run) -> int:

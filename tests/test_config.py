@@ -108,6 +108,26 @@ def test_recipe_stage_subset_keeps_its_init_chain():
         validate(raw)
 
 
+def test_sampling_settings_change_the_sample_sets_not_the_weights():
+    """A recipe's or a stage's `sampling` (steps, sweeps, size conditions) reruns sampling, never training; the
+    stage's wins over the recipe's, which wins over `sampling`."""
+    raw = default_raw()
+    run_id = "dit.synthetic.transfer.64"
+    before = Scenario(validate(raw))
+    raw["recipes"]["dit"]["sampling"] = {"steps": 3, "aux_samples": 5}
+    raw["stages"]["transfer"]["sampling"] = {"aux_samples": 7, "size_conditions": []}
+    after = Scenario(validate(raw))
+    run_before, run_after = before.run(run_id), after.run(run_id)
+    assert digest(after.run_section(run_after)) == digest(before.run_section(run_before))
+    merged = after.sampling(run_after)
+    assert (merged["steps"], merged["aux_samples"], merged["size_conditions"]) == (3, 7, [])
+    assert after.sampling(after.run("dit.synthetic.pretrain.32"))["aux_samples"] == 5
+    assert digest(after.eval_section(run_after)) != digest(before.eval_section(run_before))
+    raw["stages"]["transfer"]["sampling"] = {"steps": 3}  # the sampler settings stay the recipe's and the study's
+    with pytest.raises(ConfigError, match="stages.transfer.sampling"):
+        validate(raw)
+
+
 def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     from ldm.config import job_resources, launcher
 

@@ -99,7 +99,7 @@ rule sample:
     output:
         str(L.run("{run}").samples_index),
     params:
-        h=lambda w: digest([SCENARIO.run_section(RUNS[w.run]), CFG["sampling"]]),
+        h=lambda w: digest([SCENARIO.run_section(RUNS[w.run]), SCENARIO.sampling(RUNS[w.run])]),
         # one process, or torchrun over the rule's GPUs (each rank draws its share; same bytes as one process)
         launch=launcher(job_resources(CFG, "sample"), q(sys.executable)),
     threads: CFG["threads"]
