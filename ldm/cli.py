@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "in benchmarks/results/gpu.json when a GPU run wrote it, else 0.35, assumed)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak TFLOP/s of one accelerator (H100 bf16: 989)")
     p.add_argument("--images", action="append", help="dataset size for encode: N, or SCENARIO=N (repeatable)")
+    p.add_argument("--attempts", type=int, default=None, help="allocations a resumable job (train, sample) may take "
+                   "(default: 1 + the `retries` of the slurm/ profile)")
     p = add("recipes", "each architecture's own published recipe (training, sampling, guidance), every value with "
             "its source or why it is assumed")
     p.add_argument("--arch", action="append", help="only this architecture (repeatable)")

@@ -18,10 +18,12 @@ FLOPs / (peak x MFU); both are flags, the MFU an assumption until `benchmarks/gp
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import snapshot_steps
@@ -51,6 +53,21 @@ TEXT_DIMS = {"minilm": 384, "google/flan-t5-xl": 2048, "google/t5-v1_1-xxl": 409
              "openai/clip-vit-large-patch14": 768}
 
 
+#: rules whose killed job keeps its work and the next attempt goes on from there: `ldm train` snapshots on the
+#: time limit's SIGTERM (`--signal=TERM@T`) and resumes; `ldm sample` keeps its finished shares. A job of these
+#: may need several allocations of its runtime, which the SLURM profile's `retries` grant (docs/slurm.md).
+RESUMABLE_RULES = ("train", "sample")
+#: the SLURM profile researchers submit with (`snakemake --profile slurm`)
+PROFILE = Path(__file__).resolve().parent.parent / "slurm" / "config.yaml"
+
+
+def profile_attempts(path: Path = PROFILE) -> int:
+    """Allocations a job gets under the SLURM profile: its first, plus `retries` resubmissions (1 without it)."""
+    if not path.is_file():
+        return 1
+    return 1 + int((yaml.safe_load(path.read_text()) or {}).get("retries", 0))
+
+
 @dataclass(frozen=True)
 class Job:
     """One job of the DAG with its FLOPs and the accelerator time its resources allow."""
@@ -61,13 +78,21 @@ class Job:
     gpus: int
     runtime_h: float
 
+    @property
+    def resumable(self) -> bool:
+        return self.rule in RESUMABLE_RULES
+
     def hours(self, peak: float, mfu: float) -> float:
         """Accelerator hours (all of the job's accelerators together)."""
         return self.flops / (peak * mfu) / 3600.0
 
-    def fits(self, peak: float, mfu: float) -> bool:
-        """Whether the job's accelerators finish it within its runtime."""
-        return self.hours(peak, mfu) <= max(self.gpus, 1) * self.runtime_h
+    def allocations(self, peak: float, mfu: float) -> int:
+        """How many allocations of its resources (accelerators x runtime) the job's work takes."""
+        return max(1, math.ceil(self.hours(peak, mfu) / (max(self.gpus, 1) * self.runtime_h)))
+
+    def fits(self, peak: float, mfu: float, attempts: int = 1) -> bool:
+        """Whether the job finishes within its runtime, or (a resumable job) within `attempts` allocations of it."""
+        return self.allocations(peak, mfu) <= (attempts if self.resumable else 1)
 
 
 def _meta_flops(module: torch.nn.Module, *args) -> float:
@@ -167,8 +192,9 @@ def plan_jobs(scenario: Scenario, images: int | None) -> list[Job]:
     return jobs
 
 
-def summarise(jobs: list[Job], peak: float, mfu: float) -> dict:
-    """Per rule: jobs, FLOPs, accelerator hours; the total; the jobs that cannot finish within their runtime."""
+def summarise(jobs: list[Job], peak: float, mfu: float, attempts: int = 1) -> dict:
+    """Per rule: jobs, FLOPs, accelerator hours; the total; the jobs that cannot finish within their runtime (a
+    resumable one: within `attempts` allocations), and the resumable ones that need more than one allocation."""
     rules: dict[str, dict] = {}
     for j in jobs:
         r = rules.setdefault(j.rule, {"jobs": 0, "flops": 0.0, "hours": 0.0})
@@ -176,6 +202,7 @@ def summarise(jobs: list[Job], peak: float, mfu: float) -> dict:
         r["flops"] += j.flops
         r["hours"] += j.hours(peak, mfu)
     total = {"jobs": len(jobs), "flops": sum(j.flops for j in jobs), "hours": sum(j.hours(peak, mfu) for j in jobs)}
-    too_long = [j for j in jobs if j.gpus and not j.fits(peak, mfu)]
-    return {"rules": rules, "total": total, "too_long": too_long,
+    too_long = [j for j in jobs if j.gpus and not j.fits(peak, mfu, attempts)]
+    resumed = [j for j in jobs if j.gpus and j not in too_long and j.allocations(peak, mfu) > 1]
+    return {"rules": rules, "total": total, "too_long": too_long, "resumed": resumed,
             "costliest": sorted(jobs, key=lambda j: j.flops, reverse=True)[:3]}

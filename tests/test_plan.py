@@ -45,6 +45,22 @@ def test_jobs_that_cannot_finish_in_their_runtime_are_named():
     assert summarise([job], 1e12, 0.5)["too_long"] == [job]
 
 
+def test_resumable_jobs_may_take_several_allocations():
+    """train and sample go on where a killed attempt stopped, so the profile's retries give them more runtime;
+    evaluate starts over, so it must fit one allocation."""
+    from ldm.plan import profile_attempts
+
+    train = Job("train", "t", flops=2.5 * 3600 * 1e12, gpus=1, runtime_h=1.0)  # 2.5 h of work, 1 h allocations
+    evaluate = Job("evaluate", "e", flops=2.5 * 3600 * 1e12, gpus=1, runtime_h=1.0)
+    assert train.allocations(1e12, 1.0) == 3 and not train.fits(1e12, 1.0) and train.fits(1e12, 1.0, attempts=3)
+    assert not evaluate.fits(1e12, 1.0, attempts=3)
+    summary = summarise([train, evaluate], 1e12, 1.0, attempts=3)
+    assert summary["too_long"] == [evaluate] and summary["resumed"] == [train]
+    assert summarise([train], 1e12, 1.0, attempts=2)["too_long"] == [train]
+    retries = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())["retries"]
+    assert profile_attempts() == 1 + retries and profile_attempts(REPO / "absent.yaml") == 1
+
+
 def test_the_plan_takes_its_mfu_from_a_gpu_measurement_when_there_is_one(tmp_path):
     from ldm.plan import measured_mfu
 

@@ -6,7 +6,7 @@ from tabulate import tabulate
 
 from ..config import read_yaml, study_scenarios, validate
 from ..errors import UserError
-from ..plan import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, measured_mfu, plan_jobs, summarise
+from ..plan import DEFAULT_MFU, DEFAULT_PEAK_FLOPS, measured_mfu, plan_jobs, profile_attempts, summarise
 from ..spec import Scenario
 
 
@@ -31,11 +31,12 @@ def run(args) -> None:
     measured = measured_mfu()
     mfu, source = (args.mfu, "--mfu") if args.mfu is not None else measured or (DEFAULT_MFU, "assumed (no GPU measurement)")
     peak = args.peak_tflops * 1e12
-    print(f"MFU {mfu:.3g}: {source}")
+    attempts = args.attempts if args.attempts is not None else profile_attempts()
+    print(f"MFU {mfu:.3g}: {source}; a resumable job (train, sample) may take {attempts} allocation(s) of its runtime")
     grand = 0.0
     for name, config in scenarios.items():
         images = _images(args, name or config["name"], config)
-        summary = summarise(plan_jobs(Scenario(config), images), peak, mfu)
+        summary = summarise(plan_jobs(Scenario(config), images), peak, mfu, attempts)
         label = f"{args.config}" + (f" scenario {name}" if name else "")
         print(f"{label}: {summary['total']['jobs']} costed jobs, {summary['total']['flops']:.3g} FLOPs, "
               f"{summary['total']['hours']:,.3g} accelerator-hours at {args.peak_tflops:g} TFLOP/s peak x MFU {mfu:g}"
@@ -45,9 +46,13 @@ def run(args) -> None:
         print(tabulate(rows, headers=["rule", "jobs", "FLOPs", "accelerator-hours", "share"]))
         print("costliest jobs: " + "; ".join(f"{j.rule} {j.name} {j.hours(peak, mfu):,.3g} h"
                                              for j in summary["costliest"]))
+        for j in summary["resumed"]:
+            print(f"RESUMES: {j.rule} {j.name} needs {j.hours(peak, mfu):,.1f} accelerator-hours = "
+                  f"{j.allocations(peak, mfu)} allocations of {max(j.gpus, 1)} x {j.runtime_h:g} h (of {attempts})")
         for j in summary["too_long"]:
+            within = f" in {attempts if j.resumable else 1} allocation(s)"
             print(f"DOES NOT FIT: {j.rule} {j.name} needs {j.hours(peak, mfu):,.1f} accelerator-hours, its resources "
-                  f"give {max(j.gpus, 1)} x {j.runtime_h:g} h")
+                  f"give {max(j.gpus, 1)} x {j.runtime_h:g} h{within}")
         grand += summary["total"]["hours"]
     if len(scenarios) > 1:
         print(f"total: {grand:,.3g} accelerator-hours")
