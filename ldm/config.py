@@ -193,17 +193,17 @@ def _check_batch_split(config: dict, source: str) -> None:
     """Each stage's global batch (a recipe's own or `training`'s) must split evenly over its processes (GPUs x
     nodes) and micro-batches."""
     accum = config["training"]["grad_accum"]
-    batches = {"training.batch_size": config["training"]["batch_size"]}
-    for recipe, section in config["recipes"].items():
-        if "batch_size" in (section.get("training") or {}):
-            batches[f"recipes.{recipe}.training.batch_size"] = section["training"]["batch_size"]
     for name in config["stages"]:
-        res = job_resources(config, "train", name)
-        world = max(int(res.get("gpus", 0)), 1) * int(res.get("nodes", 1))
-        for field, batch in batches.items():
+        for recipe, section in config["recipes"].items():
+            own = "batch_size" in (section.get("training") or {})
+            field = f"recipes.{recipe}.training.batch_size" if own else "training.batch_size"
+            batch = section["training"]["batch_size"] if own else config["training"]["batch_size"]
+            res = job_resources(config, "train", name, recipe)
+            world = max(int(res.get("gpus", 0)), 1) * int(res.get("nodes", 1))
             if batch % (world * accum):
+                whose = f" (recipe {recipe}'s resources)" if section.get("resources") else ""
                 raise ConfigError(f"{source}: {field}: {batch} is not divisible by stage {name}'s {world} "
-                                  f"process(es) x training.grad_accum {accum}")
+                                  f"process(es){whose} x training.grad_accum {accum}")
 
 
 def _study_refs(study: dict):
@@ -239,12 +239,15 @@ def _check_study_refs(config: dict, source: str) -> None:
         raise ConfigError(f"{source}: study.draws: the draws share a training seed; they must be disjoint")
 
 
-def job_resources(config: dict, rule: str, stage: str | None = None) -> dict:
-    """A job's resources: `resources.default`, then `resources.<rule>`, then (train) the run's stage's own."""
+def job_resources(config: dict, rule: str, stage: str | None = None, recipe: str | None = None) -> dict:
+    """A job's resources: `resources.default`, then `resources.<rule>`, then (train) the run's stage's own, then its
+    recipe's (a baseline whose own recipe is many times dearer, e.g. PixArt's batch of 11264, gets more nodes)."""
     res = config["resources"]
     out = merge(res.get("default", {}), res.get(rule, {}))
     if stage is not None and rule == "train":
         out = merge(out, config["stages"][stage].get("resources", {}))
+    if recipe is not None and rule == "train":
+        out = merge(out, config["recipes"][recipe].get("resources", {}))
     return out
 
 

@@ -144,8 +144,8 @@ def plan_jobs(scenario: Scenario, images: int | None) -> list[Job]:
     config = scenario.config
     jobs: list[Job] = []
 
-    def job(rule: str, name: str, flops: float, stage: str | None = None) -> None:
-        res = job_resources(config, rule, stage)
+    def job(rule: str, name: str, flops: float, stage: str | None = None, recipe: str | None = None) -> None:
+        res = job_resources(config, rule, stage, recipe)
         gpus = int(res.get("gpus", 0)) * int(res.get("nodes", 1))
         jobs.append(Job(rule, name, flops, gpus, float(res.get("runtime", 60)) / 60.0))
 
@@ -167,7 +167,7 @@ def plan_jobs(scenario: Scenario, images: int | None) -> list[Job]:
         per_image = 3 * fwd * (4 / 3 if recipe.gradient_checkpointing else 1)
         if getattr(model, "masks_tokens", False):  # mDT: a second pass on the kept tokens
             per_image *= 1 + (1 - float(model.config.get("mask_ratio", 0.0)))
-        job("train", run.run_id, steps * tcfg["batch_size"] * per_image, run.stage)
+        job("train", run.run_id, steps * tcfg["batch_size"] * per_image, run.stage, run.recipe)
         snapshots = snapshot_steps(steps, tcfg["snapshots"], with_zero=run.init_run is not None)
         seeds, samples = len(scfg["seeds"]), scfg["num_samples"]
         aux = min(scfg["aux_samples"] or samples, samples)

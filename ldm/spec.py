@@ -62,6 +62,7 @@ class Recipe:
     own_recipe: bool | None  # filled in by `ldm.config.validate` from `ldm.published_recipes`
     training: dict | None  # this recipe's own training settings (override `training`)
     sampling: dict | None  # this recipe's own sampling settings (override `sampling`)
+    resources: dict | None  # this recipe's own train resources (override its stage's)
     schedule_shift: Any  # overrides the stage's (e.g. "none": a baseline that never shifts its schedule)
 
     @property
@@ -287,8 +288,9 @@ class Scenario:
             "data": self.data_section(),
             # the seed list is not a run's (its own seed is in its id): adding a seed reruns nothing; sampling
             # settings are not its weights' either (they enter the sample and evaluate hashes via `sampling(run)`)
-            "recipe": {k: v for k, v in config["recipes"][run.recipe].items() if k not in ("train_seeds", "sampling")},
-            # resources change where a run executes, not its weights
+            "recipe": {k: v for k, v in config["recipes"][run.recipe].items()
+                       if k not in ("train_seeds", "sampling", "resources")},
+            # resources (the stage's, the recipe's) change where a run executes, not its weights
             "stage": {k: v for k, v in config["stages"][run.stage].items() if k not in ("resources", "sampling")},
             "training": {k: v for k, v in config["training"].items() if k not in LOADER_KEYS},
             "run_id": run.run_id,

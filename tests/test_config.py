@@ -142,6 +142,15 @@ def test_resources_do_not_change_run_hashes_and_pick_the_launcher():
     assert job_resources(config, "train", "pretrain")["gpus"] == 1
     assert launcher(res, "py") == "py -m ldm.torchrun --standalone --nproc_per_node 8"
     assert launcher({"gpus": 1}, "py") == "py"
+    raw["recipes"]["dit"]["resources"] = {"nodes": 2}  # a recipe's own, over its stage's (only for train)
+    config = validate(raw)
+    assert digest(run_section(config, "dit.synthetic.transfer.64")) == before
+    res = job_resources(config, "train", "transfer", "dit")
+    assert (res["gpus"], res["nodes"], res["runtime"]) == (8, 2, 600)
+    assert job_resources(config, "sample", None, "dit") == job_resources(config, "sample")
+    raw["recipes"]["dit"]["resources"] = {"nodes": 3}  # 3 x 1 processes at pretrain do not split the batch of 32
+    with pytest.raises(ConfigError, match=r"stage pretrain's 3 process\(es\) \(recipe dit's resources\)"):
+        validate(raw)
     assert launcher({"gpus": 4, "nodes": 2}, "py").startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 py -m ldm.torchrun --nnodes 2")
 
 

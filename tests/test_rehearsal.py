@@ -21,7 +21,7 @@ MAY_DIFFER = [
     "scenarios.*.dataset.source", "scenarios.*.dataset.heldout", "scenarios.*.resolutions.*",
     "scenarios.*.autoencoder", "scenarios.*.text_encoder", "scenarios.*.evaluator.*",
     "scenarios.*.recipes.*.size", "scenarios.*.stages.*.steps", "scenarios.*.stages.*.init_checkpoint",
-    "scenarios.*.stages.*.resources.*", "scenarios.*.resources.*.*",
+    "scenarios.*.stages.*.resources.*", "scenarios.*.recipes.*.resources.*", "scenarios.*.resources.*.*",
     "scenarios.*.training.batch_size", "scenarios.*.training.warmup", "scenarios.*.training.snapshots",
     "scenarios.*.training.checkpoint_every",
     "scenarios.*.sampling.steps", "scenarios.*.sampling.num_samples", "scenarios.*.sampling.aux_samples",

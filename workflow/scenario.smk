@@ -51,9 +51,9 @@ CONFIG_ARG = f'"${CONFIG_VARIABLE}"'  # in a rule's shell command: the path, exp
 
 
 def slurm_resources(rule, run=None):
-    """Snakemake resources of a job from the config (`resources.default` < `resources.<rule>` < stage);
+    """Snakemake resources of a job from the config (`resources.default` < `resources.<rule>` < stage < recipe);
     the SLURM executor maps them to sbatch options, a local `--cores` run only uses them for scheduling."""
-    res = job_resources(CFG, rule, RUNS[run].stage if run is not None else None)
+    res = job_resources(CFG, rule, *((RUNS[run].stage, RUNS[run].recipe) if run is not None else ()))
     out = {"runtime": res["runtime"], "mem_mb": res["mem_mb"], "cpus_per_task": res["cpus"],
            "nodes": res["nodes"], "gpu": res["gpus"],
            # a multi-node job's command starts its own tasks (`launcher`: srun + torchrun, one per node); `mpi` tells

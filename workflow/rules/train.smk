@@ -27,7 +27,8 @@ rule train:
         str(L.run("{run}").final),
     params:
         h=lambda w: train_hash(SCENARIO, w),
-        launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage), q(sys.executable)),
+        launch=lambda w: launcher(job_resources(CFG, "train", RUNS[w.run].stage, RUNS[w.run].recipe),
+                                    q(sys.executable)),
     threads: CFG["threads"]
     resources:
         runtime=run_resources("runtime"),
