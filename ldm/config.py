@@ -244,10 +244,10 @@ def job_resources(config: dict, rule: str, stage: str | None = None, recipe: str
     recipe's (a baseline whose own recipe is many times dearer, e.g. PixArt's batch of 11264, gets more nodes)."""
     res = config["resources"]
     out = merge(res.get("default", {}), res.get(rule, {}))
-    if stage is not None and rule == "train":
-        out = merge(out, config["stages"][stage].get("resources", {}))
-    if recipe is not None and rule == "train":
-        out = merge(out, config["recipes"][recipe].get("resources", {}))
+    if rule == "train":
+        for section, name in (("stages", stage), ("recipes", recipe)):
+            if name is not None:
+                out = merge(out, config[section][name].get("resources", {}))
     return out
 
 

@@ -203,6 +203,6 @@ def summarise(jobs: list[Job], peak: float, mfu: float, attempts: int = 1) -> di
         r["hours"] += j.hours(peak, mfu)
     total = {"jobs": len(jobs), "flops": sum(j.flops for j in jobs), "hours": sum(j.hours(peak, mfu) for j in jobs)}
     too_long = [j for j in jobs if j.gpus and not j.fits(peak, mfu, attempts)]
-    resumed = [j for j in jobs if j.gpus and j not in too_long and j.allocations(peak, mfu) > 1]
+    resumed = [j for j in jobs if j.gpus and j.fits(peak, mfu, attempts) and j.allocations(peak, mfu) > 1]
     return {"rules": rules, "total": total, "too_long": too_long, "resumed": resumed,
             "costliest": sorted(jobs, key=lambda j: j.flops, reverse=True)[:3]}
