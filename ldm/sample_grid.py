@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image
-from torchvision.utils import make_grid
 
 
 #: rows of a sample grid at most: 16 classes evenly spaced over the label range (1,000 rows at ImageNet
@@ -18,6 +17,22 @@ def grid_classes(num_classes: int, rows: int = GRID_ROWS) -> list[int]:
     return list(range(num_classes)) if num_classes <= rows else [k * num_classes // rows for k in range(rows)]
 
 
+def tile(cells: list[np.ndarray], per_row: int, padding: int = 2, fill: int = 255) -> np.ndarray:
+    """H×W×C uint8 cells in rows of `per_row`, `padding` px of `fill` around each: the picture of torchvision's
+    `make_grid(..., nrow=per_row, padding=padding, pad_value=fill)` (tests/test_eval_run.py compares the two).
+
+    Why not call `make_grid`: importing torchvision costs ~2-3 CPU-s (it pulls in torch._dynamo), paid by every
+    `ldm evaluate` job of a study for one picture."""
+    h, w, c = cells[0].shape
+    cols = min(per_row, len(cells))
+    rows = -(-len(cells) // cols)
+    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), fill, np.uint8)
+    for i, cell in enumerate(cells):
+        y, x = divmod(i, cols)
+        grid[y * (h + padding) + padding:(y + 1) * (h + padding), x * (w + padding) + padding:(x + 1) * (w + padding)] = cell
+    return grid
+
+
 def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int = 8, min_side: int = 64) -> list[int]:
     """One row per shown class (`grid_classes`; first sampling seed), blank cells where a class has fewer
     samples, upscaled with nearest-neighbour to at least `min_side` px. Returns the classes shown; on data
@@ -25,19 +40,18 @@ def save_sample_grid(data: dict, classes: list[str], path: Path, per_class: int 
     indices (the report lists their prompts)."""
     first = data["seeds"] == data["seeds"][0]
     images, labels = data["images"][first], data["labels"][first]
-    blank = torch.full((images.shape[3], images.shape[1], images.shape[2]), 255, dtype=torch.uint8)
-    rows = []
+    blank = np.full(images.shape[1:], 255, dtype=np.uint8)
+    cells = []
     if classes:
         shown = grid_classes(len(classes))
         for k in shown:
-            chosen = list(torch.from_numpy(images[labels == k][:per_class]).permute(0, 3, 1, 2))
-            rows.extend(chosen + [blank] * (per_class - len(chosen)))
+            chosen = list(images[labels == k][:per_class])
+            cells.extend(chosen + [blank] * (per_class - len(chosen)))
     else:
         shown = list(range(min(len(images), 2 * per_class)))
-        rows = list(torch.from_numpy(images[shown]).permute(0, 3, 1, 2))
-        rows += [blank] * (-len(rows) % per_class)
-    grid = make_grid(torch.stack(rows), nrow=per_class, padding=2, pad_value=255)
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        cells = list(images[shown])
+        cells += [blank] * (-len(cells) % per_class)
+    picture = Image.fromarray(tile(cells, per_class))
     scale = max(1, -(-min_side // images.shape[1]))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)

@@ -279,6 +279,20 @@ def test_sample_grids_show_a_bounded_evenly_spaced_set_of_classes(tmp_path):
     assert picture[2:10, 2:10].max() == 0 and picture[2:10, 2 + 2 * 10:10 + 2 * 10].min() == 255  # blank cells
 
 
+def test_sample_grid_tiles_as_torchvision_make_grid():
+    """`tile` is torchvision's `make_grid` picture (same padding, fill and row layout), a full and a ragged last row."""
+    from torchvision.utils import make_grid
+
+    from ldm.sample_grid import tile
+
+    rng = np.random.default_rng(0)
+    for n, per_row in ((12, 4), (7, 3), (5, 8)):
+        cells = list(rng.integers(0, 256, (n, 6, 5, 3), dtype=np.uint8))
+        reference = make_grid(torch.from_numpy(np.stack(cells)).permute(0, 3, 1, 2), nrow=per_row, padding=2,
+                              pad_value=255).permute(1, 2, 0).numpy()
+        assert np.array_equal(tile(cells, per_row), reference)
+
+
 def test_aux_samples_bound_the_side_sets_to_the_first_images(scenario):
     """`sampling.aux_samples`: intermediate snapshots, sweeps and size conditions draw the first n images of
     the full set (same labels, same noise), the final snapshot all of them; evaluation runs on both."""

@@ -147,9 +147,9 @@ def test_low_rank_frechet_distance_equals_clean_fids(n_gen, n_ref):
     assert fid.frechet_distance_of_features(gen, mu2, sigma2) == ours
 
 
-def test_frechet_distance_of_features_uses_clean_fid_from_n_equal_to_dim_plus_one(monkeypatch):
+def test_frechet_distance_of_features_uses_clean_fids_formula_from_n_equal_to_dim_plus_one(monkeypatch):
     calls = []
-    monkeypatch.setattr(cleanfid_fid, "frechet_distance", lambda *a: calls.append(a) or 1.0)
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a: calls.append(a) or 1.0)
     rng = np.random.default_rng(0)
     mu2, sigma2 = np.zeros(6), np.eye(6)
     fid.frechet_distance_of_features(rng.normal(size=(6, 6)), mu2, sigma2)  # N - 1 < D: low rank

@@ -1,4 +1,4 @@
-"""Fréchet distances as clean-fid computes them: clean-fid's `frechet_distance` (scipy `sqrtm`), except for
+"""Fréchet distances as clean-fid computes them: clean-fid's `frechet_distance` formula (scipy `sqrtm`), except for
 the Inception FIDs of fewer generated images than feature dimensions, where the same quantity is computed exactly
 in the images' subspace (`frechet_distance_of_features`: an N×N eigenproblem instead of a 2048×2048 square root,
 hundreds of times faster, the same number to ~1e-7 relative, the rounding of scipy's root).
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from cleanfid import fid as cleanfid_fid
+from scipy import linalg
 
 from ldm.metrics.evaluator import Evaluator, resize_to_input
 from ldm.provenance import atomic_write_bytes
@@ -106,16 +105,28 @@ class StreamingMoments:
         return self._mean, np.atleast_2d(self._scatter / (self.count - 1))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """clean-fid's Fréchet distance (scipy sqrtm) of two Gaussians, as a Python float."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """clean-fid's Fréchet distance of two Gaussians (its `frechet_distance`, operation for operation: scipy `sqrtm`
+    of sigma1·sigma2, eps on the diagonals if that is singular, the real part), as a Python float.
+
+    Why not call clean-fid's function: importing `cleanfid.fid` pulls in torchvision and torch._dynamo, 3-4 CPU-s
+    per process, and every `ldm evaluate` job computes `fd_evaluator` (a study runs about a hundred) while only the
+    Inception protocols need clean-fid itself. tests/test_metrics.py holds the two equal bit for bit."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    with warnings.catch_warnings():  # clean-fid 0.1.35 passes sqrtm(disp=False); scipy < 1.18 is pinned for it
-        warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
-        return float(cleanfid_fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def low_rank_frechet_distance(feats1, mu2, sigma2) -> float:
