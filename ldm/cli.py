@@ -15,7 +15,17 @@ from .errors import UserError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: what OpenMP and the BLAS under numpy and scipy (OpenBLAS, MKL) size their thread pools by, read once as each loads
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _threads(n: int) -> None:
+    """`--threads n` bounds every pool a stage computes in: torch's and the BLAS's. The float64 linear algebra of
+    the FIDs changes in its last bits with the BLAS thread count, so a stage run by hand must use the count
+    Snakemake gives its jobs (it sets these variables to the job's threads). Set before torch, numpy or scipy is
+    imported: each library reads them when it loads."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(n)
     import torch
 
     torch.set_num_threads(n)

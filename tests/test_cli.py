@@ -33,3 +33,28 @@ def test_verbose_and_quiet_set_what_the_package_logs(capsys, flag, shown):
         getattr(log, level)("line at %s", level)
     err = capsys.readouterr().err
     assert {level for level in ("debug", "info", "warning") if f"line at {level}" in err} == shown
+
+
+def test_threads_bound_the_blas_pools_of_numpy_and_scipy_too():
+    """`--threads n` reaches the BLAS of numpy and of scipy (a library of its own, loaded later): the FIDs' float64
+    linear algebra changes in its last bits with their thread count, so by hand and under Snakemake must agree."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ldm.cli import THREAD_VARIABLES
+
+    def blas_pools(call: str) -> list[int]:
+        probe = (f"from ldm.cli import _threads; {call}; import numpy, scipy.linalg, json; "
+                 "from threadpoolctl import threadpool_info; "
+                 "print(json.dumps([(i['internal_api'], i['num_threads']) for i in threadpool_info()]))")
+        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+        pools = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                          check=True).stdout)
+        return [n for api, n in pools if api in ("openblas", "mkl")]
+
+    bounded = blas_pools("_threads(1)")
+    assert len(bounded) >= 2 and set(bounded) == {1}  # numpy's and scipy's own OpenBLAS
+    if (os.cpu_count() or 1) > 1:  # the control: left alone, they take every core
+        assert max(blas_pools("pass")) > 1
