@@ -58,3 +58,16 @@ def test_threads_bound_the_blas_pools_of_numpy_and_scipy_too():
     assert len(bounded) >= 2 and set(bounded) == {1}  # numpy's and scipy's own OpenBLAS
     if (os.cpu_count() or 1) > 1:  # the control: left alone, they take every core
         assert max(blas_pools("pass")) > 1
+
+
+def test_stage_modules_leave_the_heavy_libraries_to_the_jobs_that_use_them():
+    """clean-fid (torchvision, torch._dynamo), diffusers and DVCLive cost 1-7 CPU-s of import each, paid per job:
+    importing a stage must not load them; the code that uses them imports them (Inception FIDs, the VAE, trackers)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import sys, json, ldm.stages.train, ldm.stages.sample, ldm.stages.evaluate, ldm.stages.reference_stats; "
+             "print(json.dumps(sorted(m for m in ('cleanfid', 'torchvision', 'diffusers', 'dvclive') if m in sys.modules)))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert loaded == []
