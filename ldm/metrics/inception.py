@@ -273,7 +273,6 @@ def _array_batches(images, mode: str, batch_size: int, max_images: int | None = 
 def _feature_batches(images, model, mode: str, device, batch_size: int, max_images=None) -> Iterator[np.ndarray]:
     """float64 N×2048 features batch by batch: of a folder (one block), a uint8 array or an iterable of them."""
     from cleanfid import fid as cleanfid_fid  # on use: it imports torchvision (~3 CPU-s), which fd_evaluator never needs
-
     if isinstance(images, (str, Path)):
         folder = Path(images)
         if not folder.is_dir():
